@@ -1,0 +1,81 @@
+"""The timm model factory: architecture, 18-way head, local pretrained weights.
+
+No hub downloads: pretrained weights come from a local file (``.safetensors``, ``.pth`` or
+``.bin`` of the timm architecture). The classifier of the file is dropped and a new 18-way
+linear head is initialised Kaiming-uniform with a zero bias; nothing follows the logits.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from maskdist.errors import MaskdistError
+from maskdist.labels import NUM_CLASSES
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def create_model(
+    name: str = "efficientnet_b3",
+    num_classes: int = NUM_CLASSES,
+    drop_rate: float = 0.4,
+    pretrained_file: str | Path | None = None,
+    warn_random: bool = True,
+) -> nn.Module:
+    """A timm model with a fresh ``num_classes``-way head."""
+    if name not in timm.list_models() and not timm.is_model(name):
+        raise MaskdistError(f"unknown timm model {name!r}: see `timm.list_models()` for the names")
+    if not 0.0 <= drop_rate < 1.0:
+        raise MaskdistError(f"drop rate {drop_rate} must be in [0, 1)")
+    kwargs = dict(num_classes=num_classes, drop_rate=drop_rate)
+    if pretrained_file is not None:
+        path = Path(pretrained_file)
+        if not path.is_file():
+            raise MaskdistError(f"pretrained weights {path} not found: pass a local .safetensors/.pth file of {name}")
+        try:
+            # timm loads the file with weights_only torch.load or safetensors, drops the
+            # classifier when the class count differs, and loads the rest.
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+        except (RuntimeError, KeyError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise MaskdistError(f"pretrained weights {path} do not fit {name} ({first[:200]}): pass weights of that architecture") from None
+    else:
+        if warn_random:
+            warnings.warn(
+                f"{name} starts from random weights: scores will be poor; pass --pretrained FILE with local ImageNet weights",
+                stacklevel=2,
+            )
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    init_head(model)
+    return model
+
+
+def init_head(model: nn.Module) -> None:
+    """Kaiming-uniform weights and zero bias on the classifier (no activation follows it)."""
+    head = model.get_classifier()
+    if not isinstance(head, nn.Linear):
+        raise MaskdistError(f"{type(model).__name__} has a {type(head).__name__} head; maskdist expects a linear classifier")
+    nn.init.kaiming_uniform_(head.weight, a=math.sqrt(5))
+    if head.bias is not None:
+        nn.init.zeros_(head.bias)
+
+
+def normalisation(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the model's pretrained weights expect, ImageNet's by default."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+
+
+def prepare_for_device(model: nn.Module, device: torch.device, compile_model: bool = False) -> nn.Module:
+    """channels_last on CUDA (faster convolutions with tensor cores), optional torch.compile."""
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if compile_model:
+        model = torch.compile(model)
+    return model
