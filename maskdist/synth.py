@@ -37,6 +37,7 @@ import cv2
 import numpy as np
 
 from maskdist import labels as L
+from maskdist import parallel
 from maskdist.errors import MaskdistError
 
 HEIGHT, WIDTH = 512, 384
@@ -419,10 +420,6 @@ def _run_chunk(args: tuple[list[PersonJob], int, str]) -> int:
     return sum(_write_person(job, seed, root) for job in jobs)
 
 
-def _init_worker() -> None:
-    cv2.setNumThreads(1)
-
-
 # --- planning -----------------------------------------------------------------------------
 
 
@@ -652,9 +649,7 @@ def write_dataset(out, *, people=None, scale=None, eval_people=None, seed=0, wor
             finally:
                 cv2.setNumThreads(previous)
         else:
-            import multiprocessing as mp
-
-            with mp.get_context().Pool(workers, initializer=_init_worker) as pool:
+            with parallel.context().Pool(workers, initializer=parallel.init_worker) as pool:
                 for n in pool.imap_unordered(_run_chunk, tasks):
                     written += n
                     if bar is not None:
