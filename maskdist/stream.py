@@ -1,0 +1,516 @@
+"""Read shard sets as streams: class-balanced training, exactly-once evaluation, DDP-safe.
+
+The training loop needs four calls (no ``accelerator.prepare`` on these loaders: they
+split the data by rank themselves, and ``prepare`` would split it again or dispatch it)::
+
+    from maskdist import stream, transforms
+
+    shard_set = open_shard_set("shards/full")
+    train, steps = stream.train_loader(
+        shard_set, stream.folds_except(shard_set, fold), batch_size=64,
+        rank=accelerator.process_index, world_size=accelerator.num_processes,
+        workers=8, seed=cfg.seed, alpha=0.0, transform="recipe")
+    val = stream.eval_loader(shard_set, fold, batch_size=128, rank=..., world_size=..., workers=4)
+    for epoch in range(epochs):
+        train.set_epoch(epoch)                       # before iterating: reaches persistent workers
+        for batch in train:                          # exactly `steps` batches on every rank
+            x = transforms.to_device(batch["image"], accelerator.device, mean, std)
+            y = batch["label"].to(accelerator.device)
+            ...
+        for batch in val:                            # ranks may get different batch counts:
+            ...                                      # use the unwrapped model, gather (key, pred)
+                                                     # pairs with gather_object, de-duplicate by key
+
+Batches are dicts: ``image`` (uint8 NCHW tensor), ``key`` (list of str), and from the
+sample's json ``label`` and ``label_true`` (int64 tensors; training folds) or ``row``
+(int64; the eval split). Normalise on the device with :func:`maskdist.transforms.to_device`.
+
+Training stream (:func:`train_loader`)
+    * Per class an infinite stream: the class's shards in a fresh random order on every pass,
+      each shard read from a random start sample round to the one before it (so ranks and
+      workers do not walk a one-shard class in lockstep, and every sample stays equally
+      likely). Classes are mixed with probability ``n_c ** alpha / sum`` (``n_c`` from the
+      manifest; ``alpha`` 0 uniform = default, 0.5 square root, 1 natural); a class with no
+      samples in the selection gets probability 0 and is never opened. A shuffle buffer of
+      ``shuffle_buffer`` raw (undecoded) samples follows; only what leaves it is decoded.
+    * Randomness comes from local ``random.Random`` / albumentations generators seeded from
+      ``(seed, rank, worker, epoch)``: ranks and workers never replay one sequence, epochs
+      differ, and the same arguments reproduce the same batches. The epoch reaches
+      persistent workers through a shared ``multiprocessing.Value`` (:meth:`StreamLoader.set_epoch`);
+      without ``set_epoch`` calls each worker counts its own passes instead.
+    * Epoch length: ``steps = ceil(train_samples / (batch_size * world_size))``. The rank's
+      ``steps`` are split among its workers exactly (worker ``w`` makes
+      ``steps // workers + (w < steps % workers)`` full batches of an infinite stream), and
+      the DataLoader yields the sum, so every rank yields exactly ``steps`` full batches
+      whatever the shard count, class sizes or worker count.
+
+Evaluation stream (:func:`eval_loader`)
+    Every sample of a fold (its competition samples, never extra) or of the eval split
+    exactly once across all ranks and workers: shards are split among ranks (balanced by
+    sample count) when there are at least as many shards as ranks, else samples by index
+    modulo; then the same again among the rank's workers. Partial last batches are kept, so
+    ranks may yield different numbers of batches (``len(loader)`` says how many).
+
+Decoding reads only the ``.jpg`` and ``.json`` members of a shard; any other member (a
+``.pyd`` pickle, say) is skipped unread and never decoded.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import multiprocessing
+import random
+import re
+import tarfile
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from maskdist import parallel
+from maskdist.errors import MaskdistError
+from maskdist.manifest import ShardSet, open_shard_set
+from maskdist.transforms import Transform, build_transform
+
+IMAGE_EXT = "jpg"
+META_EXT = "json"
+_FIELDS = (IMAGE_EXT, META_EXT)
+DEFAULT_SHUFFLE_BUFFER = 1000
+# webdataset's key/extension split (as the shard writer uses it): extension after the first
+# dot of the last path component.
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+
+
+class ShardFormatError(MaskdistError):
+    """A shard whose contents do not match the format (a sample without its image or json)."""
+
+
+# --- reading shards -----------------------------------------------------------------------
+
+
+def read_shard(shard_set: ShardSet, relpath: str, start: int = 0, stop: int | None = None) -> Iterator[dict]:
+    """Raw samples ``{"__key__", "__index__", "jpg", "json"}`` of one shard, in order.
+
+    Yields the samples with index in ``[start, stop)``; earlier ones are read past without
+    keeping their bytes. Only ``.jpg`` and ``.json`` members are read; any other member is
+    skipped unread (tar streaming seeks/reads past it) and is never decoded.
+    """
+    if stop is not None and stop <= start:
+        return
+    with shard_set.open(relpath) as stream:
+        # A local file is seekable: members we skip (other extensions, samples before
+        # ``start``) are seeked over instead of read. Streams (http, pipe:) are read through.
+        seekable = getattr(stream, "seekable", lambda: False)()
+        tar = tarfile.open(fileobj=stream, mode="r:" if seekable else "r|*")
+        index, current = 0, None
+        for member in tar:
+            tar.members = []  # do not accumulate TarInfo objects (flat memory)
+            if not member.isreg():
+                continue
+            match = _KEY_EXT.match(member.name)
+            if match is None:
+                continue
+            key, ext = match.group(1), match.group(2).lower()
+            if ext not in _FIELDS:
+                continue
+            if current is not None and key != current["__key__"]:
+                _check_sample(current, relpath)
+                if index >= start:
+                    yield current
+                index, current = index + 1, None
+                if stop is not None and index >= stop:
+                    return
+            if current is None:
+                current = {"__key__": key, "__index__": index}
+            if ext in current:
+                raise ShardFormatError(f"{relpath}: sample {key!r} has two .{ext} members")
+            current[ext] = tar.extractfile(member).read() if index >= start else None
+        if current is not None:
+            _check_sample(current, relpath)
+            if index >= start:
+                yield current
+
+
+def _check_sample(sample: dict, relpath: str) -> None:
+    if IMAGE_EXT not in sample or META_EXT not in sample:
+        raise ShardFormatError(f"{relpath}: sample {sample['__key__']!r} lacks its .{IMAGE_EXT} or .{META_EXT} member")
+
+
+# --- seeds and selections -----------------------------------------------------------------
+
+
+def derive_seed(seed: int, *parts: int) -> int:
+    """A 63-bit seed from a base seed and non-negative parts (rank, worker, epoch, ...)."""
+    state = np.random.SeedSequence([int(seed) % (2**63), *[int(p) for p in parts]]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def folds_except(shard_set: ShardSet, fold: int) -> list[int]:
+    """The training folds when ``fold`` is held out."""
+    if not 0 <= int(fold) < shard_set.folds:
+        raise MaskdistError(f"fold {fold} does not exist: the shard set has folds 0..{shard_set.folds - 1}")
+    return [k for k in range(shard_set.folds) if k != int(fold)]
+
+
+def class_probabilities(counts: Sequence[int], alpha: float = 0.0) -> list[float]:
+    """Mixing probabilities ``n_c ** alpha / sum`` (0 where ``n_c == 0``)."""
+    if alpha < 0:
+        raise MaskdistError(f"alpha {alpha} must be 0 or more (0 uniform, 0.5 square root, 1 natural)")
+    weights = [float(n) ** alpha if n > 0 else 0.0 for n in counts]
+    total = sum(weights)
+    if total <= 0:
+        raise MaskdistError("the selection holds no training samples: check the folds and the shard set")
+    return [w / total for w in weights]
+
+
+def _as_shard_set(shard_set: ShardSet | str) -> ShardSet:
+    return shard_set if isinstance(shard_set, ShardSet) else open_shard_set(shard_set)
+
+
+def _as_transform(transform: Transform | str | None) -> Transform:
+    if transform is None:
+        return build_transform("none", resize=None, crop=None)
+    if isinstance(transform, str):
+        return build_transform(transform)
+    return transform
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def _check_split_args(batch_size: int, rank: int, world_size: int, workers: int) -> None:
+    if int(batch_size) < 1:
+        raise MaskdistError(f"batch size {batch_size} must be 1 or more")
+    if int(world_size) < 1 or not 0 <= int(rank) < int(world_size):
+        raise MaskdistError(f"rank {rank} / world size {world_size}: expected 0 <= rank < world size")
+    if int(workers) < 0:
+        raise MaskdistError(f"workers {workers} must be 0 or more")
+
+
+# --- the training stream -------------------------------------------------------------------
+
+
+def _class_stream(shard_set: ShardSet, shards: list[dict], rng: random.Random) -> Iterator[dict]:
+    """Infinite raw samples of one class: shards in a new random order on every pass, each
+    read from a random start sample round to the one before it."""
+    while True:
+        got = 0
+        for shard in rng.sample(shards, len(shards)):
+            offset = rng.randrange(shard["samples"])
+            for sample in read_shard(shard_set, shard["path"], start=offset):
+                got += 1
+                yield sample
+            for sample in read_shard(shard_set, shard["path"], stop=offset):
+                got += 1
+                yield sample
+        if got == 0:
+            raise ShardFormatError(f"shards {', '.join(s['path'] for s in shards)} yielded no samples although the manifest lists some")
+
+
+def _mixed(streams: dict[int, Iterator[dict]], probs: Sequence[float], rng: random.Random) -> Iterator[dict]:
+    """Infinite: each sample from class c with probability probs[c]."""
+    classes = [c for c, p in enumerate(probs) if p > 0]
+    cumulative, acc = [], 0.0
+    for c in classes:
+        acc += probs[c]
+        cumulative.append(acc)
+    last = len(classes) - 1
+    while True:
+        c = classes[min(bisect.bisect_right(cumulative, rng.random() * acc), last)]
+        yield next(streams[c])
+
+
+def _shuffled(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    """A shuffle buffer of ``size`` samples (0 or 1: no shuffling)."""
+    if size <= 1:
+        yield from samples
+        return
+    buffer: list[dict] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        i = rng.randrange(size)
+        buffer[i], sample = sample, buffer[i]
+        yield sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _decoded(sample: dict, transform: Transform) -> tuple[np.ndarray, dict]:
+    return transform.from_jpeg(sample[IMAGE_EXT]), json.loads(sample[META_EXT])
+
+
+def _collate(images: list[np.ndarray], metas: list[dict], keys: list[str], fields: Sequence[str]) -> dict:
+    batch = {"image": torch.from_numpy(np.stack(images)), "key": keys}
+    for name in fields:
+        batch[name] = torch.tensor([int(m[name]) for m in metas], dtype=torch.int64)
+    return batch
+
+
+TRAIN_FIELDS = ("label", "label_true")
+EVAL_FIELDS = ("row",)
+
+
+class TrainStream(IterableDataset):
+    """Class-balanced infinite stream, cut into exactly ``steps`` batches per rank per epoch.
+
+    Build it with :func:`train_loader`; it can also be iterated directly (one process).
+    """
+
+    def __init__(self, shard_set: ShardSet, folds: Iterable[int] | None, batch_size: int, rank: int,
+                 world_size: int, seed: int, alpha: float, transform: Transform, shuffle_buffer: int,
+                 extra: bool = True):
+        super().__init__()
+        self.shard_set = shard_set
+        self.folds = None if folds is None else sorted(int(f) for f in folds)
+        self.batch_size, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
+        self.seed, self.alpha = int(seed), float(alpha)
+        self.transform, self.shuffle_buffer, self.extra = transform, int(shuffle_buffer), bool(extra)
+        self.class_counts = shard_set.class_counts(self.folds, extra=self.extra)
+        self.samples = shard_set.samples("train", self.folds, extra=self.extra)
+        self.probs = class_probabilities(self.class_counts, self.alpha)
+        # Shards grouped by the class they hold (training shards hold one class each).
+        self.class_shards: dict[int, list[dict]] = {}
+        for shard in shard_set.shards("train", self.folds, extra=self.extra):
+            if shard["samples"] > 0:
+                self.class_shards.setdefault(int(shard["class"]), []).append(shard)
+        for c, p in enumerate(self.probs):
+            if p > 0 and c not in self.class_shards:
+                raise MaskdistError(f"class {c} has {self.class_counts[c]} samples in the manifest totals but no shard: rebuild the set")
+        self.steps = math.ceil(self.samples / (self.batch_size * self.world_size))
+        self._epoch = multiprocessing.RawValue("q", -1)  # shared with (persistent) workers; one writer
+        self._passes = 0  # per-process count of passes, used when set_epoch is never called
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.value = int(epoch)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def worker_steps(self, worker: int, workers: int) -> int:
+        """Batches worker ``worker`` of ``workers`` makes per epoch (they sum to ``steps``)."""
+        return self.steps // workers + (1 if worker < self.steps % workers else 0)
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, workers = _worker()
+        epoch = self._epoch.value
+        if epoch < 0:
+            epoch = self._passes
+        self._passes += 1
+        seed = derive_seed(self.seed, self.rank, worker, epoch)
+        rng = random.Random(seed)
+        self.transform.set_seed(derive_seed(seed, 1))
+        n_batches = self.worker_steps(worker, workers)
+        if n_batches == 0:
+            return
+        streams = {c: _class_stream(self.shard_set, shards, random.Random(derive_seed(seed, 2, c)))
+                   for c, shards in self.class_shards.items()}
+        samples = _shuffled(_mixed(streams, self.probs, rng), self.shuffle_buffer, rng)
+        try:
+            for _ in range(n_batches):
+                images, metas, keys = [], [], []
+                for _ in range(self.batch_size):
+                    sample = next(samples)
+                    image, meta = _decoded(sample, self.transform)
+                    images.append(image)
+                    metas.append(meta)
+                    keys.append(sample["__key__"])
+                yield _collate(images, metas, keys, TRAIN_FIELDS)
+        finally:
+            samples.close()
+            for s in streams.values():
+                s.close()
+
+
+# --- the evaluation stream -----------------------------------------------------------------
+
+
+def _balanced_split(shards: list[dict], parts: int) -> list[list[dict]]:
+    """Shards into ``parts`` groups of near-equal sample counts (largest first, to the
+    lightest group; deterministic), each group in manifest order."""
+    order = sorted(range(len(shards)), key=lambda i: (-shards[i]["samples"], i))
+    loads = [0] * parts
+    groups: list[list[int]] = [[] for _ in range(parts)]
+    for i in order:
+        g = min(range(parts), key=lambda j: (loads[j], j))
+        groups[g].append(i)
+        loads[g] += shards[i]["samples"]
+    return [[shards[i] for i in sorted(g)] for g in groups]
+
+
+def eval_plan(shards: list[dict], rank: int, world_size: int, worker: int, workers: int) -> tuple[list[dict], int, int]:
+    """What one worker of one rank reads: (shards, modulus, residue): it keeps the samples
+    whose running index over those shards is ``residue`` modulo ``modulus``.
+
+    Shards are split among ranks when there are at least ``world_size`` of them, else
+    samples by index; then the same among the rank's workers. Exactly once in every case.
+    """
+    if len(shards) >= world_size:
+        mine, modulus, residue = _balanced_split(shards, world_size)[rank], 1, 0
+    else:
+        mine, modulus, residue = list(shards), world_size, rank
+    if modulus == 1 and len(mine) >= workers:
+        return _balanced_split(mine, workers)[worker], 1, 0
+    # j-th kept sample of the rank goes to worker j % workers: index = residue + modulus * j
+    return mine, modulus * workers, residue + modulus * worker
+
+
+def _kept(n: int, modulus: int, residue: int) -> int:
+    return 0 if residue >= n else (n - residue + modulus - 1) // modulus
+
+
+class EvalStream(IterableDataset):
+    """Every sample of a selection exactly once across ranks and workers, in batches with keys."""
+
+    def __init__(self, shard_set: ShardSet, shards: list[dict], fields: Sequence[str], batch_size: int,
+                 rank: int, world_size: int, transform: Transform, workers: int):
+        super().__init__()
+        self.shard_set, self.shards, self.fields = shard_set, shards, tuple(fields)
+        self.batch_size, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
+        self.transform, self.workers = transform, max(1, int(workers))
+
+    def worker_samples(self, worker: int) -> int:
+        shards, modulus, residue = eval_plan(self.shards, self.rank, self.world_size, worker, self.workers)
+        return _kept(sum(s["samples"] for s in shards), modulus, residue)
+
+    @property
+    def samples(self) -> int:
+        """Samples this rank yields."""
+        return sum(self.worker_samples(w) for w in range(self.workers))
+
+    def __len__(self) -> int:
+        return sum(math.ceil(self.worker_samples(w) / self.batch_size) for w in range(self.workers))
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, workers = _worker()
+        if workers != self.workers:
+            raise RuntimeError(f"EvalStream built for {self.workers} workers runs in {workers}")
+        shards, modulus, residue = eval_plan(self.shards, self.rank, self.world_size, worker, workers)
+        self.transform.set_seed(0)
+        images, metas, keys = [], [], []
+        index = 0
+        for shard in shards:
+            n = shard["samples"]
+            end = index + n
+            if _kept(end, modulus, residue) == _kept(index, modulus, residue):
+                index = end  # nothing of ours in this shard: do not open it
+                continue
+            for sample in read_shard(self.shard_set, shard["path"]):
+                mine = index % modulus == residue
+                index += 1
+                if not mine:
+                    continue
+                image, meta = _decoded(sample, self.transform)
+                images.append(image)
+                metas.append(meta)
+                keys.append(sample["__key__"])
+                if len(images) == self.batch_size:
+                    yield _collate(images, metas, keys, self.fields)
+                    images, metas, keys = [], [], []
+            if index != end:  # the split is exact only if the manifest counts are
+                raise ShardFormatError(f"{shard['path']}: the manifest lists {n} samples, the shard holds a different number")
+        if images:
+            yield _collate(images, metas, keys, self.fields)
+
+
+# --- loaders --------------------------------------------------------------------------------
+
+
+class StreamLoader:
+    """A torch DataLoader over a stream, plus ``set_epoch`` and an exact ``len``.
+
+    Not a DataLoader subclass on purpose: ``accelerator.prepare`` returns it unchanged
+    (preparing would split the already rank-split data again). Iterate it directly.
+    """
+
+    def __init__(self, dataset: IterableDataset, workers: int, pin_memory: bool = False,
+                 prefetch_factor: int | None = None, multiprocessing_context=None):
+        self.dataset = dataset
+        self.workers = int(workers)
+        kwargs = {}
+        if self.workers > 0:
+            kwargs = dict(persistent_workers=True, worker_init_fn=parallel.init_worker, prefetch_factor=prefetch_factor or 2,
+                          multiprocessing_context=multiprocessing_context or parallel.context())
+        self.loader = DataLoader(dataset, batch_size=None, num_workers=self.workers, pin_memory=pin_memory, **kwargs)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Call before iterating an epoch (persistent workers read it when the epoch starts)."""
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    @property
+    def steps(self) -> int:
+        return len(self.dataset)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.loader)  # starts the (persistent) workers the first time
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the (started) workers, for monitoring."""
+        iterator = getattr(self.loader, "_iterator", None)
+        return [w.pid for w in getattr(iterator, "_workers", [])] if iterator is not None else []
+
+    def close(self) -> None:
+        """Stop the persistent workers now (they also stop when the loader is collected)."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.loader._iterator = None
+
+
+def train_loader(shard_set: ShardSet | str, folds: Iterable[int] | None, batch_size: int, rank: int = 0,
+                 world_size: int = 1, workers: int = 4, seed: int = 0, alpha: float = 0.0,
+                 transform: Transform | str | None = "recipe", shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+                 extra: bool = True, pin_memory: bool = False, prefetch_factor: int | None = None,
+                 multiprocessing_context=None) -> tuple[StreamLoader, int]:
+    """The class-balanced training loader of one rank and its exact steps per epoch.
+
+    ``folds``: training folds (None: all; see :func:`folds_except`); ``extra``: include
+    outside samples. ``batch_size`` is per rank; every rank yields exactly
+    ``steps = ceil(train_samples / (batch_size * world_size))`` full batches per epoch.
+    ``rank``/``world_size`` are taken as given, never from the environment. ``transform``:
+    a preset name, a :class:`~maskdist.transforms.Transform`, or None (decode only).
+    Call ``loader.set_epoch(epoch)`` before each epoch.
+    """
+    _check_split_args(batch_size, rank, world_size, workers)
+    dataset = TrainStream(_as_shard_set(shard_set), folds, batch_size, rank, world_size, seed, alpha,
+                          _as_transform(transform), shuffle_buffer, extra=extra)
+    loader = StreamLoader(dataset, workers, pin_memory, prefetch_factor, multiprocessing_context)
+    return loader, dataset.steps
+
+
+def eval_shards(shard_set: ShardSet, fold: int | str) -> tuple[list[dict], tuple[str, ...]]:
+    """Shards and label fields of a fold (its competition samples) or of ``"eval"``."""
+    if isinstance(fold, str) and fold == "eval":
+        shards = shard_set.shards("eval")
+        if not shards and shard_set.manifest.get("totals", {}).get("eval", 0):
+            raise MaskdistError("the manifest counts eval samples but lists no eval shard: rebuild the set")
+        return shards, EVAL_FIELDS
+    try:
+        k = int(fold)
+    except (TypeError, ValueError):
+        raise MaskdistError(f"evaluation selection {fold!r}: expected a fold number or 'eval'") from None
+    if not 0 <= k < shard_set.folds:
+        raise MaskdistError(f"fold {k} does not exist: the shard set has folds 0..{shard_set.folds - 1}")
+    return shard_set.shards("train", [k], extra=False), TRAIN_FIELDS
+
+
+def eval_loader(shard_set: ShardSet | str, fold: int | str, batch_size: int, rank: int = 0, world_size: int = 1,
+                workers: int = 2, transform: Transform | str | None = "none", pin_memory: bool = False,
+                prefetch_factor: int | None = None, multiprocessing_context=None) -> StreamLoader:
+    """The evaluation loader of one rank over fold ``fold`` or ``"eval"``: every sample
+    exactly once across ranks and workers; ``len(loader)`` is this rank's batch count and
+    ``loader.dataset.samples`` its sample count (they differ between ranks)."""
+    _check_split_args(batch_size, rank, world_size, workers)
+    shard_set = _as_shard_set(shard_set)
+    shards, fields = eval_shards(shard_set, fold)
+    dataset = EvalStream(shard_set, shards, fields, batch_size, rank, world_size, _as_transform(transform), workers)
+    return StreamLoader(dataset, workers, pin_memory, prefetch_factor, multiprocessing_context)

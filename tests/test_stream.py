@@ -1,0 +1,372 @@
+"""The streaming loader on real shards, real DataLoader workers and a real 2-process launch.
+
+The shard set is written here (tiny 12x16 JPEGs, uneven shards, a one-sample class, an
+empty class, outside samples, a few eval shards and a planted pickle), so every corner the
+loader must survive is present and each test runs in seconds.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from maskdist import stream
+from maskdist.manifest import open_shard_set
+
+REPO = Path(__file__).resolve().parents[1]
+FOLDS = 3
+SHARD_SIZE = 11
+# Samples per class in every fold; class 8 has a single sample (fold 1 only), class 17 none.
+PER_FOLD = [13, 9, 3, 20, 25, 4, 5, 3, 0, 7, 8, 2, 5, 3, 1, 6, 7, 0]
+EXTRA = {2: 4}  # outside samples (fold -1), class 2
+EVAL_SAMPLES, EVAL_SHARD = 13, 6  # three eval shards: 6, 6, 1
+
+
+class _Pwn:
+    """Unpickling this creates ``path`` (stands in for arbitrary code)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _jpeg(rng: np.random.Generator, h: int = 12, w: int = 16) -> bytes:
+    ok, buf = cv2.imencode(".jpg", rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+    assert ok
+    return buf.tobytes()
+
+
+def write_tiny_set(root: Path, pwned: Path) -> Path:
+    """A shard set in the manifest format with awkward proportions (see module docstring)."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    entries = []
+    totals: dict[str, list[int]] = {}
+
+    def write(relpath: str, samples: list[tuple[str, dict]], split: str, fold, cls, planted: bool = False):
+        path = root / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        counts = [0] * 18 if split == "train" else None
+        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+            for i, (key, meta) in enumerate(samples):
+                _member(tar, f"{key}.jpg", _jpeg(rng))
+                if planted and i == 0:  # a member with the sample's key and another extension
+                    _member(tar, f"{key}.pyd", pickle.dumps(_Pwn(str(pwned))))
+                _member(tar, f"{key}.json", json.dumps(meta).encode())
+                if counts is not None:
+                    counts[meta["label"]] += 1
+            if planted:  # and a stand-alone one
+                _member(tar, "zz-evil.pickle", pickle.dumps(_Pwn(str(pwned))))
+        data = path.read_bytes()
+        entries.append({"path": relpath, "split": split, "fold": fold, "class": cls, "samples": len(samples),
+                        "class_counts": counts, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+
+    folds = [(f, PER_FOLD if f != 1 else [n if c != 8 else 1 for c, n in enumerate(PER_FOLD)]) for f in range(FOLDS)]
+    folds.append((-1, [EXTRA.get(c, 0) for c in range(18)]))
+    for fold, counts in folds:
+        name = "extra" if fold == -1 else str(fold)
+        totals[name] = list(counts)
+        for cls, n in enumerate(counts):
+            samples = []
+            for i in range(n):
+                person = f"p{fold + 1}{cls:02d}{i:03d}"
+                key = f"extra/{fold + 1}{cls:02d}{i:03d}" if fold == -1 else f"{person}/mask{i % 5 + 1}"
+                samples.append((key, {"person": person, "label": cls, "label_true": cls, "fold": fold, "relpath": key}))
+            for s, start in enumerate(range(0, n, SHARD_SIZE)):
+                folder = "extra" if fold == -1 else f"fold{fold}"
+                write(f"train/{folder}/c{cls:02d}-{s:06d}.tar", samples[start:start + SHARD_SIZE], "train", fold, cls,
+                      planted=(fold == 0 and cls == 4 and s == 0))
+    eval_samples = [(f"eval/{r:06d}", {"row": r, "image_id": f"{r:040x}.jpg", "relpath": f"images/{r}.jpg"})
+                    for r in range(EVAL_SAMPLES)]
+    for s, start in enumerate(range(0, EVAL_SAMPLES, EVAL_SHARD)):
+        write(f"eval/eval-{s:06d}.tar", eval_samples[start:start + EVAL_SHARD], "eval", None, None)
+    manifest = {
+        "format": "maskdist-shards", "format_version": 1,
+        "build": {"train_dir": None, "eval_dir": None, "folds": FOLDS, "seed": 0, "age_cut": 58, "image_size": 16},
+        "image": {"format": "jpg", "short_side": 12}, "num_classes": 18, "folds": FOLDS, "age_cut": 58,
+        "shards": entries, "totals": {"train": totals, "train_true": totals, "eval": EVAL_SAMPLES},
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    base = tmp_path_factory.mktemp("stream")
+    pwned = base / "PWNED"
+    return write_tiny_set(base / "set", pwned), pwned
+
+
+def _all_keys(shard_set, which) -> list[str]:
+    shards, _ = stream.eval_shards(shard_set, which)
+    return [s["__key__"] for shard in shards for s in stream.read_shard(shard_set, shard["path"])]
+
+
+# --- training stream -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_class_shares_follow_alpha(tiny, alpha):
+    shard_set = open_shard_set(tiny[0])
+    folds = stream.folds_except(shard_set, 0)
+    counts = shard_set.class_counts(folds)
+    expected = [n ** alpha if n else 0.0 for n in counts]
+    expected = [e / sum(expected) for e in expected]
+    loader, steps = stream.train_loader(shard_set, folds, batch_size=100, workers=0, seed=1, alpha=alpha,
+                                        transform=None, shuffle_buffer=50)
+    # several epochs of an infinite stream: 10,000+ samples, tolerance 2 percentage points
+    seen = Counter()
+    for epoch in range(math.ceil(10_000 / (steps * 100))):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            seen.update(batch["label"].tolist())
+    total = sum(seen.values())
+    assert total >= 10_000
+    assert seen[17] == 0 and counts[17] == 0  # empty class: never drawn, breaks nothing
+    for c in range(18):
+        assert abs(seen[c] / total - expected[c]) < 0.02, (c, seen[c] / total, expected[c])
+
+
+@pytest.mark.parametrize("world,workers,batch", [(1, 0, 7), (2, 1, 8), (2, 3, 8), (3, 2, 50), (4, 3, 1), (2, 2, 400)])
+def test_every_rank_yields_exactly_steps_full_batches(tiny, world, workers, batch):
+    shard_set = open_shard_set(tiny[0])
+    folds = [1, 2]
+    n = shard_set.samples("train", folds)
+    for rank in range(world):
+        loader, steps = stream.train_loader(shard_set, folds, batch, rank=rank, world_size=world, workers=workers,
+                                            transform=None, shuffle_buffer=8)
+        assert steps == math.ceil(n / (batch * world)) == len(loader)
+        for epoch in range(2):
+            loader.set_epoch(epoch)
+            sizes = [len(b["key"]) for b in loader]
+            assert sizes == [batch] * steps, (rank, epoch)
+        loader.close()
+
+
+def _sequence(shard_set, rank=0, workers=0, seed=3, epoch=0, world=2, batches=None):
+    loader, _ = stream.train_loader(shard_set, [0, 1], 4, rank=rank, world_size=world, workers=workers, seed=seed,
+                                    transform=None, shuffle_buffer=8)
+    loader.set_epoch(epoch)
+    out = [tuple(b["key"]) for b in loader]
+    loader.close()
+    return out
+
+
+def test_seeds_differ_by_rank_worker_epoch_and_reproduce(tiny):
+    shard_set = open_shard_set(tiny[0])
+    base = _sequence(shard_set)
+    assert base == _sequence(shard_set)  # same seed, same everything: same batches
+    assert base != _sequence(shard_set, rank=1)
+    assert base != _sequence(shard_set, epoch=1)
+    assert base != _sequence(shard_set, seed=4)
+    # two workers: their batches alternate in the loader; they must not replay one sequence
+    two = _sequence(shard_set, workers=2)
+    assert two == _sequence(shard_set, workers=2)
+    assert two[0::2][: len(two[1::2])] != two[1::2]
+
+
+def test_epochs_reach_persistent_workers(tiny):
+    shard_set = open_shard_set(tiny[0])
+    loader, _ = stream.train_loader(shard_set, [0, 1], 4, workers=2, seed=3, transform=None, shuffle_buffer=8)
+    epochs = []
+    for epoch in (0, 1, 0):
+        loader.set_epoch(epoch)
+        epochs.append([tuple(b["key"]) for b in loader])
+    pids = loader.worker_pids()
+    assert len(pids) == 2  # the same persistent workers served all three epochs
+    loader.close()
+    assert epochs[0] != epochs[1] and epochs[0] == epochs[2]
+    # without set_epoch, each worker counts its own passes: epochs still differ
+    loader, _ = stream.train_loader(shard_set, [0, 1], 4, workers=2, seed=3, transform=None, shuffle_buffer=8)
+    first, second = ([tuple(b["key"]) for b in loader] for _ in range(2))
+    loader.close()
+    assert first == epochs[0] and second == epochs[1]
+
+
+def test_train_batches_are_uint8_nchw_with_labels(tiny):
+    shard_set = open_shard_set(tiny[0])
+    loader, steps = stream.train_loader(shard_set, [0], 6, workers=0, transform="light")
+    loader.set_epoch(0)
+    batch = next(iter(loader))
+    assert batch["image"].dtype == __import__("torch").uint8
+    assert tuple(batch["image"].shape) == (6, 3, 150, 150)
+    assert batch["label"].tolist() == batch["label_true"].tolist()  # the fixture's labels agree
+    assert all(k.split("/")[0].startswith("p1") or k.startswith("extra/") for k in batch["key"])  # fold 0 (+ extra)
+
+
+def test_empty_selection_is_a_clear_error(tiny):
+    from maskdist.errors import MaskdistError
+
+    shard_set = open_shard_set(tiny[0])
+    with pytest.raises(MaskdistError):
+        stream.train_loader(shard_set, [], 4, workers=0, extra=False)
+
+
+# --- evaluation stream -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", [0, 1, "eval"])
+def test_eval_exactly_once_for_every_split(tiny, which):
+    shard_set = open_shard_set(tiny[0])
+    everything = sorted(_all_keys(shard_set, which))
+    assert len(everything) == len(set(everything))
+    for world in (1, 2, 3, 5, 16):
+        for workers in (1, 2, 3):
+            seen = []
+            for rank in range(world):
+                shards, fields = stream.eval_shards(shard_set, which)
+                for worker in range(workers):
+                    mine, modulus, residue = stream.eval_plan(shards, rank, world, worker, workers)
+                    seen += [s["__key__"] for i, s in enumerate(
+                        x for sh in mine for x in stream.read_shard(shard_set, sh["path"])) if i % modulus == residue]
+            assert sorted(seen) == everything, (world, workers)
+
+
+@pytest.mark.parametrize("world,workers", [(2, 2), (3, 0), (1, 3)])
+def test_eval_loader_exactly_once_with_real_workers(tiny, world, workers):
+    shard_set = open_shard_set(tiny[0])
+    for which in (2, "eval"):
+        seen = []
+        for rank in range(world):
+            loader = stream.eval_loader(shard_set, which, 4, rank=rank, world_size=world, workers=workers, transform=None)
+            batches = list(loader)
+            assert len(batches) == len(loader)
+            keys = [k for b in batches for k in b["key"]]
+            assert len(keys) == loader.dataset.samples
+            field = "row" if which == "eval" else "label"
+            assert all(len(b[field]) == len(b["key"]) == b["image"].shape[0] for b in batches)
+            if which == "eval":
+                assert [int(k.split("/")[1]) for k in keys] == [r for b in batches for r in b["row"].tolist()]
+            seen += keys
+            loader.close()
+        assert sorted(seen) == sorted(_all_keys(shard_set, which))
+
+
+def test_planted_pickle_is_never_unpickled(tiny, tmp_path):
+    root, pwned = tiny
+    shard_set = open_shard_set(root)
+    # the planted members are real: unpickling one would create its file
+    probe = tmp_path / "probe"
+    pickle.loads(pickle.dumps(_Pwn(str(probe))))
+    assert probe.exists()
+    loader = stream.eval_loader(shard_set, 0, 8, workers=0, transform="none")
+    keys = [k for b in loader for k in b["key"]]
+    train, _ = stream.train_loader(shard_set, [0], 8, workers=0, transform=None)
+    for _ in train:
+        pass
+    assert "zz-evil" not in keys and len(keys) == shard_set.samples("train", [0], extra=False)
+    assert not pwned.exists()
+
+
+# --- a real 2-process launch -------------------------------------------------------------------
+
+
+def _run_or_kill(cmd: list[str], env: dict, log: Path, timeout: float, what: str) -> int:
+    """Run with output to ``log``, in its own session: on a hang the whole group (launcher,
+    ranks, DataLoader workers) is killed and the test fails; orphans holding a pipe cannot
+    block it."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            import psutil
+
+            # the launcher starts ranks in sessions of their own: kill every descendant
+            family = psutil.Process(proc.pid).children(recursive=True)
+            os.killpg(proc.pid, signal.SIGKILL)
+            for child in family:
+                try:
+                    child.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            proc.wait()
+            pytest.fail(f"{what} hung:\n{log.read_text()[-3000:]}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_equal_steps_and_exact_eval(tiny, tmp_path):
+    root, _ = tiny
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--machine_rank", "0", "--main_process_ip", "127.0.0.1",
+           "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(REPO / "tests" / "ddp" / "stream_ddp.py"), str(root), str(out), "--batch-size", "8", "--workers", "2"]
+    log = tmp_path / "launch.log"
+    rc = _run_or_kill(cmd, env, log, timeout=150, what="2-process launch (unequal steps per rank?)")
+    assert rc == 0, log.read_text()[-4000:]
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    shard_set = open_shard_set(root)
+    n = shard_set.samples("train", [1, 2])
+    steps = math.ceil(n / 16)
+    for r, res in enumerate(results):
+        assert res["rank"] == r and res["world"] == 2
+        assert res["steps_expected"] == steps
+        for epoch in res["epochs"]:
+            assert epoch["steps"] == steps and epoch["all_steps"] == [steps, steps]
+            assert all(len(k) == 8 for k in epoch["keys"])
+    # ranks and epochs saw different sequences
+    assert results[0]["epochs"][0]["keys"] != results[1]["epochs"][0]["keys"]
+    assert results[0]["epochs"][0]["keys"] != results[0]["epochs"][1]["keys"]
+    for which in ("0", "eval"):
+        keys = results[0]["eval"][which]["keys"] + results[1]["eval"][which]["keys"]
+        expected = sorted(_all_keys(shard_set, int(which) if which != "eval" else "eval"))
+        assert sorted(keys) == expected  # every sample exactly once across the two ranks
+        assert results[0]["eval"][which]["gathered"] == expected
+        for res in results:
+            ev = res["eval"][which]
+            assert ev["batches"] == ev["len"] and len(ev["keys"]) == ev["samples"]
+    assert sorted(results[0]["eval"]["eval"]["labels"] + results[1]["eval"]["eval"]["labels"]) == list(range(EVAL_SAMPLES))
+
+
+def test_workers_start_after_the_parent_used_opencv_threads(tiny, tmp_path):
+    # Regression: a forked worker calling cv2.setNumThreads(1) after the parent used
+    # OpenCV's thread pool waited forever. Run in a subprocess so a hang is a failure.
+    code = f"""
+import cv2, numpy as np
+from maskdist import stream
+cv2.setNumThreads(2)
+img = np.zeros((600, 600, 3), np.uint8)
+for _ in range(3):
+    cv2.resize(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), (300, 300))
+loader = stream.eval_loader({str(tiny[0])!r}, 0, 4, workers=2, transform="none")
+print(sum(len(b["key"]) for b in loader), cv2.getNumThreads())
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    log = tmp_path / "out.log"
+    rc = _run_or_kill([sys.executable, "-c", code], env, log, timeout=90, what="loader after parent OpenCV use")
+    assert rc == 0, log.read_text()[-3000:]
+    n = open_shard_set(tiny[0]).samples("train", [0], extra=False)
+    assert log.read_text().split()[-2:] == [str(n), "2"]
