@@ -24,3 +24,52 @@ def synth_copy(small_synth, tmp_path) -> Path:
     target = tmp_path / "data"
     shutil.copytree(small_synth, target)
     return target
+
+
+# --- training fixtures ----------------------------------------------------------------------
+
+import os
+import socket
+import subprocess
+import sys
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def small_shards(small_synth, tmp_path_factory) -> Path:
+    """Shards of ``small_synth`` (3 folds, images stored at 64 px short side for speed)."""
+    from maskdist.shards import build_shards
+
+    out = tmp_path_factory.mktemp("shards") / "small"
+    build_shards(small_synth / "train", out, eval_dir=small_synth / "eval", folds=3, seed=0, image_size=64, workers=1)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_env(tmp_path: Path) -> dict:
+    """Environment for launched processes: CPU DDP, no stale accelerate config, no GPU."""
+    env = dict(os.environ)
+    env.update(ACCELERATE_USE_CPU="1", HF_HOME=str(tmp_path / "hf"), CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    return env
+
+
+def accelerate_cmd(processes: int, *args: str) -> list[str]:
+    """``accelerate launch`` of ``python -m maskdist ARGS`` on ``processes`` CPU processes (gloo)."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch"]
+    if processes == 1:
+        return launcher + ["--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+                           "--dynamo_backend", "no", "-m", "maskdist", *args]
+    return launcher + ["--config_file", str(REPO / "launch" / "cpu_ddp.yaml"), "--num_processes", str(processes),
+                       "--main_process_port", str(free_port()), "-m", "maskdist", *args]
+
+
+def run_launch(cmd: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a launch; a hang becomes a failure after ``timeout`` seconds."""
+    return subprocess.run(cmd, env=launch_env(tmp_path), capture_output=True, text=True, timeout=timeout, cwd=tmp_path)

@@ -1,0 +1,153 @@
+"""Training configuration: one typed dataclass; defaults, then a YAML file, then flags.
+
+Every field is a ``maskdist train`` flag (``--batch-size`` for ``batch_size``) whose help is
+the field's ``help`` metadata, so the dataclass is the one place options are defined.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from maskdist.errors import MaskdistError
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    shards: str = _opt("", "Shard set: folder, http(s) URL or pipe: template.")
+    fold: int = _opt(0, "Validation fold; the model trains on every other fold (plus extra samples).")
+    out: str = _opt("runs/exp", "Experiment folder; the fold's run goes to OUT/fold<K>.")
+    alpha: float = _opt(0.0, "Class mixing: probability ~ n_c**alpha (0 balanced, 1 natural).")
+    shuffle_buffer: int = _opt(1000, "Shuffle buffer per worker (samples).")
+    workers: int = _opt(4, "Loader worker processes per training process.")
+    augment: str = _opt("recipe", "Augmentation preset.", ("recipe", "light", "none"))
+    resize: int = _opt(224, "Resize both sides to this before cropping.")
+    crop: int = _opt(150, "Centre-crop size fed to the model.")
+    # model
+    model: str = _opt("efficientnet_b3", "timm architecture name.")
+    pretrained: str = _opt("", "Local pretrained weights file (.safetensors/.pth); empty: random init.")
+    drop_rate: float = _opt(0.4, "Dropout before the classifier.")
+    compile: bool = _opt(False, "torch.compile the model.")
+    # loss
+    loss: str = _opt("focal", "Loss function.", ("focal", "ce"))
+    gamma: float = _opt(2.0, "Focal loss gamma.")
+    class_weights: str = _opt("seed", "Class weights from the training folds' counts.", ("seed", "inverse", "effective-number", "none"))
+    label_smoothing: float = _opt(0.0, "Label smoothing.")
+    # optimisation
+    epochs: int = _opt(10, "Epochs; an epoch is ceil(training samples / global batch) steps.")
+    batch_size: int = _opt(64, "Batch per process.")
+    optimizer: str = _opt("sgd", "Optimiser (SGD uses momentum and Nesterov).", ("sgd", "adamw"))
+    lr: float = _opt(0.05, "Learning rate at the reference global batch (--base-batch); scaled linearly.")
+    base_batch: int = _opt(256, "Global batch at which --lr applies.")
+    momentum: float = _opt(0.9, "SGD momentum.")
+    nesterov: bool = _opt(True, "Nesterov momentum for SGD.")
+    weight_decay: float = _opt(1e-4, "Weight decay.")
+    warmup_epochs: float = _opt(0.0, "Linear warm-up length in epochs (fractional allowed).")
+    restart_epochs: float = _opt(0.0, "Cosine warm-restart period T_0 in epochs; 0: one cosine over the whole run.")
+    restart_mult: int = _opt(1, "Period multiplier after each restart (T_mult).")
+    min_lr: float = _opt(0.0, "Lowest learning rate of the cosine.")
+    grad_accum: int = _opt(1, "Gradient accumulation steps.")
+    clip_grad: float = _opt(0.0, "Clip the gradient norm to this; 0: off.")
+    precision: str = _opt("no", "Mixed precision through Accelerate.", ("no", "bf16", "fp16"))
+    # bookkeeping
+    seed: int = _opt(0, "Base seed: model init, sampling, augmentation.")
+    resume: bool = _opt(False, "Continue an interrupted run from OUT/fold<K>/state.")
+    log_every: int = _opt(10, "Log training scalars every N optimiser steps.")
+    max_steps: int = _opt(0, "Stop each epoch after N steps (smoke tests); 0: full epochs.")
+    timeout_s: int = _opt(1800, "Collective-operation timeout (a hung rank becomes an error).")
+
+    def run_dir(self) -> Path:
+        return Path(self.out) / f"fold{self.fold}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise MaskdistError(f"--{_flag(f.name)} {value!r} is not one of {', '.join(choices)}")
+        positive = ("epochs", "batch_size", "base_batch", "grad_accum", "resize", "crop")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise MaskdistError(f"--{_flag(name)} must be positive (got {getattr(self, name)})")
+        if self.crop > self.resize:
+            raise MaskdistError(f"--crop {self.crop} is larger than --resize {self.resize}")
+        if not self.shards:
+            raise MaskdistError("--shards is required: the shard set to train from (see `maskdist shards build`)")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def field_type(f: dataclasses.Field) -> type:
+    hint = typing.get_type_hints(TrainConfig)[f.name]
+    if isinstance(hint, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def load(yaml_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then ``yaml_file``, then ``overrides`` (None values are ignored)."""
+    values: dict[str, Any] = {}
+    names = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    if yaml_file:
+        path = resolve_config(yaml_file)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise MaskdistError(f"config file {path} is not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise MaskdistError(f"config file {path} must be a mapping of option: value")
+        for key, value in loaded.items():
+            name = str(key).replace("-", "_")
+            if name not in names:
+                raise MaskdistError(f"config file {path}: unknown option {key!r}; see `maskdist train --help`")
+            kind = field_type(names[name])
+            try:
+                values[name] = kind(value) if value is not None else ""
+            except (TypeError, ValueError):
+                raise MaskdistError(f"config file {path}: {key}: {value!r} is not a {kind.__name__}") from None
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = value
+    config = TrainConfig(**values)
+    config.validate()
+    return config
+
+
+PRESETS = Path(__file__).parent / "presets"
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def resolve_config(name_or_path: str | Path) -> Path:
+    """A YAML file path, or the name of a preset shipped with maskdist (``recipe``, ``cpu_fast``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    preset = PRESETS / f"{name_or_path}.yaml"
+    if preset.is_file():
+        return preset
+    raise MaskdistError(f"config {name_or_path} not found: pass a YAML file of train options or a preset ({', '.join(presets())})")
+
+
+def save(config: TrainConfig, path: Path) -> None:
+    """The resolved config as YAML (written atomically)."""
+    from maskdist.fileio import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,129 @@
+"""Training under real launches: 2-process CPU DDP (gloo), kill and resume, TensorBoard
+events read back, atomic checkpoints."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import accelerate_cmd, launch_env, run_launch
+from maskdist import checkpoint, metrics
+from maskdist.manifest import open_shard_set
+
+FAST = ["--model", "test_efficientnet", "--resize", "64", "--crop", "48", "--batch-size", "16", "--workers", "1",
+        "--lr", "0.2", "--log-every", "2", "--timeout-s", "120"]
+
+
+def _train_args(shards, out, fold=0, epochs=2, *extra):
+    return ["train", "--shards", str(shards), "--fold", str(fold), "--out", str(out), "--epochs", str(epochs), *FAST, *extra]
+
+
+def _events(run_dir):
+    files = sorted((run_dir / "tb").rglob("events.out.tfevents.*"))
+    accumulators = []
+    for f in files:
+        acc = EventAccumulator(str(f), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+        acc.Reload()
+        accumulators.append(acc)
+    return accumulators
+
+
+@pytest.fixture(scope="module")
+def ddp_run(small_shards, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    result = run_launch(accelerate_cmd(2, *_train_args(small_shards, tmp / "runs", 1, 2, "--max-steps", "6")), tmp)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return tmp / "runs" / "fold1", result
+
+
+def test_two_process_ddp_trains_and_validates_each_sample_once(ddp_run, small_shards):
+    run_dir, result = ddp_run
+    assert "2 process(es)" in result.stdout
+    shard_set = open_shard_set(small_shards)
+    oof = pd.read_csv(run_dir / "oof.csv")
+    assert oof["key"].is_unique
+    assert len(oof) == shard_set.samples("train", [1], extra=False)
+    assert set(oof["fold"]) == {1}
+    people_in_fold = {k.split("/")[0] for k in oof["key"]}
+    assert len(people_in_fold) * 7 >= len(oof)
+    probs = oof[[f"p{c:02d}" for c in range(18)]].to_numpy()
+    assert np.allclose(probs.sum(axis=1), 1, atol=1e-4)
+    assert (oof["pred"] == probs.argmax(axis=1)).all()
+    card = checkpoint.read_card(run_dir)
+    assert card["fold"] == 1 and card["architecture"] == "test_efficientnet" and card["image"] == {"resize": 64, "crop": 48}
+    # the card's F1 is the F1 of the saved out-of-fold predictions
+    assert card["metrics"]["macro_f1"] == pytest.approx(metrics.score(oof["label_true"], oof["pred"]).macro_f1)
+    model, _ = checkpoint.load(run_dir)
+    assert model.get_classifier().out_features == 18
+    state = json.loads((run_dir / "state" / "trainer.json").read_text())
+    assert state["epoch"] == 1 and state["steps_per_epoch"] == 6
+
+
+def test_tensorboard_events_hold_the_promised_tags(ddp_run):
+    run_dir, _ = ddp_run
+    scalars, images = set(), set()
+    values = {}
+    for acc in _events(run_dir):
+        tags = acc.Tags()
+        scalars |= set(tags["scalars"])
+        images |= set(tags["images"])
+        for tag in tags["scalars"]:
+            values[tag] = [e.value for e in acc.Scalars(tag)]
+    for tag in ("train/loss", "train/lr", "train/images_per_s", "val/macro_f1", "val/part_f1/mask", "val/part_f1/gender",
+                "val/part_f1/age", "val/class_f1/00_wear_male_<30"):
+        assert tag in scalars, tag
+    assert sum(t.startswith("val/class_f1/") for t in scalars) == 18
+    assert {"val/confusion", "train/augmented_batch"} <= images
+    assert len(values["val/macro_f1"]) == 2  # one per epoch, from the main process only
+    assert all(v > 0 for v in values["train/images_per_s"])
+    hparams = list((run_dir / "tb").rglob("hparams.yml"))
+    assert hparams and "test_efficientnet" in hparams[0].read_text()
+
+
+def test_killed_run_resumes_to_the_same_epoch_count(small_shards, tmp_path):
+    out = tmp_path / "runs"
+    cmd = accelerate_cmd(1, *_train_args(small_shards, out, 0, 3, "--max-steps", "4"))
+    proc = subprocess.Popen(cmd, env=launch_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    trainer = out / "fold0" / "state" / "trainer.json"
+    deadline = time.time() + 240
+    while not trainer.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    import os
+
+    os.killpg(proc.pid, signal.SIGKILL)  # a real kill of the launcher and its worker processes
+    proc.wait()
+    first = json.loads(trainer.read_text())
+    assert first["epoch"] < 2, "the kill came too late to test resuming"
+    again = run_launch(accelerate_cmd(1, *_train_args(small_shards, out, 0, 3, "--max-steps", "4", "--resume")), tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"epochs {first['epoch'] + 1}..2" in again.stdout
+    assert json.loads(trainer.read_text())["epoch"] == 2
+    assert checkpoint.read_card(out / "fold0")["epoch"] <= 2
+
+
+def test_refuses_to_overwrite_a_trained_fold_and_bad_folds(ddp_run, small_shards, tmp_path):
+    run_dir, _ = ddp_run
+    # under the launcher: the launcher exits non-zero, the message is the child's one line
+    again = run_launch(accelerate_cmd(1, *_train_args(small_shards, run_dir.parent, 1, 1)), tmp_path)
+    assert again.returncode != 0 and "already holds a trained fold: pass --resume" in again.stderr
+    # without a launcher: exit status 2 and one line, no traceback
+    direct = [sys.executable, "-m", "maskdist", *_train_args(small_shards, tmp_path / "r", 7, 1)]
+    bad = subprocess.run(direct, env=launch_env(tmp_path), capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert bad.returncode == 2 and "--fold 7 does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_multi_gpu_launcher_without_cuda_is_refused(small_shards, tmp_path):
+    """accelerate's multi-GPU launcher without ACCELERATE_USE_CPU starts lone processes."""
+    env = launch_env(tmp_path)
+    env.pop("ACCELERATE_USE_CPU")
+    cmd = accelerate_cmd(2, *_train_args(small_shards, tmp_path / "r", 0, 1))
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode != 0 and "ACCELERATE_USE_CPU=1" in result.stderr
