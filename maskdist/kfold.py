@@ -1,0 +1,155 @@
+"""Train every fold, then predict with the ensemble: one command on 1 CPU, N GPUs or a node.
+
+Each fold is one ``accelerate launch -m maskdist train`` (a fresh process group per fold, so
+a failure is contained and ``--resume`` picks it up). Folds run one after another on all
+processes, or side by side on disjoint GPU subsets (``parallel_folds``). Folds that already
+hold a finished model are skipped, so a re-run continues where the last one stopped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from maskdist import checkpoint
+from maskdist.errors import MaskdistError
+from maskdist.manifest import open_shard_set
+
+STATE_FILE = Path("state") / "trainer.json"
+
+
+@dataclass
+class KFoldPlan:
+    shards: str
+    out: Path
+    processes: int = 1  # per fold
+    cpu: bool = False  # CPU DDP (gloo) instead of GPUs
+    parallel_folds: int = 1
+    gpus: Sequence[str] = ()  # device ids to spread parallel folds over
+    folds: Sequence[int] | None = None
+    config: str | None = None
+    train_args: Sequence[str] = ()
+    predict_args: Sequence[str] = ()
+    accelerate_config: str | None = None
+    submission: Path | None = None
+    env: dict = field(default_factory=dict)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(plan: KFoldPlan, processes: int, module_args: Sequence[str]) -> list[str]:
+    """``accelerate launch`` of ``python -m maskdist ...`` for ``processes`` processes."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if plan.accelerate_config:
+        cmd += ["--config_file", plan.accelerate_config]
+    if processes > 1:
+        cmd += ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--main_process_port", str(_free_port())]
+    else:
+        cmd += ["--num_processes", "1", "--num_machines", "1"] + (["--cpu"] if plan.cpu else [])
+    if not plan.accelerate_config:
+        cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    return cmd + ["-m", "maskdist", *module_args]
+
+
+def launch_env(plan: KFoldPlan, devices: Sequence[str] | None = None) -> dict:
+    env = dict(os.environ)
+    env.update(plan.env)
+    if plan.cpu:
+        env["ACCELERATE_USE_CPU"] = "1"  # the only way accelerate starts CPU DDP with several processes
+        env.setdefault("OMP_NUM_THREADS", "1")
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+    return env
+
+
+def fold_finished(run_dir: Path) -> bool:
+    state = run_dir / STATE_FILE
+    if not (run_dir / checkpoint.MODEL_JSON).is_file() or not state.is_file():
+        return False
+    trainer = json.loads(state.read_text())
+    config_epochs = _config_epochs(run_dir)
+    return config_epochs is not None and trainer.get("epoch", -1) >= config_epochs - 1
+
+
+def _config_epochs(run_dir: Path) -> int | None:
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    return int((yaml.safe_load(path.read_text()) or {}).get("epochs", 0)) or None
+
+
+def train_folds(plan: KFoldPlan, echo: Callable[[str], None] = print) -> list[int]:
+    """Train the plan's folds (skipping finished ones); returns the folds trained now."""
+    shard_set = open_shard_set(plan.shards)
+    folds = list(plan.folds) if plan.folds is not None else list(range(shard_set.folds))
+    todo = []
+    for fold in folds:
+        run_dir = plan.out / f"fold{fold}"
+        if fold_finished(run_dir):
+            echo(f"fold {fold}: finished earlier, reusing {run_dir}")
+        else:
+            todo.append(fold)
+    slots = max(1, plan.parallel_folds)
+    if slots > 1 and plan.gpus and len(plan.gpus) < slots * plan.processes:
+        raise MaskdistError(f"--parallel-folds {slots} x --processes {plan.processes} needs {slots * plan.processes} GPUs; {len(plan.gpus)} given")
+    running: list[tuple[int, subprocess.Popen, int]] = []
+    failures = []
+
+    def wait_one():
+        fold, proc, slot = running.pop(0)
+        if proc.wait() != 0:
+            failures.append(fold)
+        echo(f"fold {fold}: {'failed (exit ' + str(proc.returncode) + ')' if proc.returncode else 'done'}")
+        return slot
+
+    free_slots = list(range(slots))
+    for fold in todo:
+        if not free_slots:
+            free_slots.append(wait_one())
+        slot = free_slots.pop(0)
+        run_dir = plan.out / f"fold{fold}"
+        args = ["train", "--shards", plan.shards, "--fold", str(fold), "--out", str(plan.out)]
+        if plan.config:
+            args += ["--config", plan.config]
+        if (run_dir / "state").exists() or (run_dir / "state.old").exists():
+            args.append("--resume")
+        args += list(plan.train_args)
+        devices = None
+        if plan.gpus and slots > 1:
+            devices = list(plan.gpus[slot * plan.processes:(slot + 1) * plan.processes])
+        echo(f"fold {fold}: training on {plan.processes} process(es)" + (f", devices {','.join(devices)}" if devices else ""))
+        proc = subprocess.Popen(launch_command(plan, plan.processes, args), env=launch_env(plan, devices))
+        running.append((fold, proc, slot))
+        if slots == 1:
+            wait_one()
+            free_slots.append(slot)
+            if failures:
+                break
+    while running:
+        wait_one()
+    if failures:
+        raise MaskdistError(f"fold(s) {', '.join(map(str, failures))} failed: see the output above; re-run the same command to resume")
+    return todo
+
+
+def run(plan: KFoldPlan, echo: Callable[[str], None] = print) -> Path:
+    """Train all folds, then write the ensemble's submission with ``predict``."""
+    train_folds(plan, echo)
+    submission = plan.submission or plan.out / "submission.csv"
+    args = ["predict", str(plan.out), "--shards", plan.shards, "--out", str(submission), *plan.predict_args]
+    echo(f"predicting with the ensemble on {plan.processes} process(es)")
+    result = subprocess.run(launch_command(plan, plan.processes, args), env=launch_env(plan))
+    if result.returncode != 0:
+        raise MaskdistError("prediction failed: see the output above")
+    return submission

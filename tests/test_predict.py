@@ -1,0 +1,157 @@
+"""The k-fold ensemble on real fold models: submission format, 1 vs 2 processes, the
+ensemble equals the mean of the folds, OOF F1, pseudo-labels into training folds only."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import accelerate_cmd, launch_env, run_launch
+from maskdist import checkpoint, metrics, scoring, stream, transforms
+from maskdist.errors import MaskdistError
+from maskdist.manifest import open_shard_set
+from maskdist.predict import probs_path
+
+FOLDS = 3
+TRAIN = ["--model", "test_efficientnet", "--resize", "64", "--crop", "48", "--batch-size", "16", "--workers", "0",
+         "--lr", "0.2", "--epochs", "1", "--max-steps", "3"]
+
+
+@pytest.fixture(scope="module")
+def experiment(small_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exp") / "runs"
+    env = launch_env(out.parent)
+    for fold in range(FOLDS):
+        cmd = [sys.executable, "-m", "maskdist", "train", "--shards", str(small_shards), "--fold", str(fold), "--out", str(out),
+               "--seed", str(fold), *TRAIN]
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=out.parent)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def _predict(experiment, small_shards, tmp_path, processes, *extra):
+    out = tmp_path / f"sub{processes}.csv"
+    result = run_launch(accelerate_cmd(processes, "predict", str(experiment), "--shards", str(small_shards), "--out", str(out),
+                                       "--workers", "1", "--batch-size", "8", *extra), tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return out
+
+
+def test_submission_keeps_info_csv_and_two_processes_match_one(experiment, small_shards, small_synth, tmp_path):
+    one = _predict(experiment, small_shards, tmp_path, 1)
+    two = _predict(experiment, small_shards, tmp_path, 2)
+    assert one.read_bytes() == two.read_bytes()
+    info = (small_synth / "eval" / "info.csv").read_text().splitlines()
+    sub = one.read_text().splitlines()
+    assert sub[0] == info[0] == "ImageID,ans"
+    assert [line.split(",")[0] for line in sub] == [line.split(",")[0] for line in info]
+    answers = [int(line.split(",")[1]) for line in sub[1:]]
+    assert all(0 <= a < 18 for a in answers)
+    probs = np.load(probs_path(one))
+    assert list(probs["image_id"]) == [line.split(",")[0] for line in info[1:]]
+    assert (probs["probs"].argmax(axis=1) == answers).all()
+
+
+def test_ensemble_is_the_mean_of_fold_models(experiment, small_shards, tmp_path):
+    out = _predict(experiment, small_shards, tmp_path, 1)
+    saved = np.load(probs_path(out))
+    shard_set = open_shard_set(small_shards)
+    direct = []
+    for fold in range(FOLDS):
+        model, card = checkpoint.load(experiment / f"fold{fold}")
+        tf = transforms.build_transform("none", card["image"]["resize"], card["image"]["crop"])
+        rows = {}
+        with torch.no_grad():
+            for batch in stream.eval_loader(shard_set, "eval", batch_size=5, workers=0, transform=tf):
+                x = transforms.to_device(batch["image"], "cpu", card["normalisation"]["mean"], card["normalisation"]["std"])
+                for row, p in zip(batch["row"].tolist(), torch.softmax(model(x), dim=1).numpy()):
+                    rows[row] = p
+        direct.append(np.stack([rows[r] for r in range(len(rows))]))
+    assert np.allclose(saved["probs"], np.mean(direct, axis=0), atol=1e-5)
+    assert np.allclose(saved["fold_probs"], np.stack(direct, axis=1), atol=1e-5)
+    # F1 weights change the mix exactly as the cards' F1 say
+    weighted = _predict(experiment, small_shards, tmp_path, 1, "--weights", "f1", "--out", str(tmp_path / "w.csv"))
+    f1 = np.array([checkpoint.read_card(experiment / f"fold{k}")["metrics"]["macro_f1"] for k in range(FOLDS)])
+    w = np.load(probs_path(tmp_path / "w.csv"))
+    assert np.allclose(w["weights"], f1 / f1.sum(), atol=1e-6)
+    assert np.allclose(w["probs"], np.einsum("nfc,f->nc", np.stack(direct, axis=1), f1 / f1.sum()), atol=1e-5)
+
+
+def test_oof_f1_is_recomputed_from_the_saved_files(experiment, small_shards):
+    result = scoring.oof_scores(experiment)
+    frames = [pd.read_csv(experiment / f"fold{k}" / "oof.csv") for k in range(FOLDS)]
+    everything = pd.concat(frames)
+    assert len(everything) == open_shard_set(small_shards).samples("train", extra=False)
+    assert result["oof"].macro_f1 == pytest.approx(metrics.score(everything["label_true"], everything["pred"]).macro_f1)
+    for k, frame in enumerate(frames):
+        assert result["folds"][k].macro_f1 == pytest.approx(checkpoint.read_card(experiment / f"fold{k}")["metrics"]["macro_f1"])
+
+
+def test_score_matches_the_answers(experiment, small_shards, small_synth, tmp_path):
+    out = _predict(experiment, small_shards, tmp_path, 1)
+    answers = pd.read_csv(small_synth / "eval_answers.csv", dtype=str)
+    sub = pd.read_csv(out, dtype=str)
+    expected = metrics.score(answers["ans"].astype(int), sub.set_index("ImageID").loc[answers["ImageID"], "ans"].astype(int))
+    got = subprocess.run([sys.executable, "-m", "maskdist", "score", str(out), str(small_synth / "eval_answers.csv"), "--json"],
+                         env=launch_env(tmp_path), capture_output=True, text=True, timeout=60)
+    assert json.loads(got.stdout)["macro_f1"] == pytest.approx(expected.macro_f1)
+
+
+def test_missing_fold_and_mismatched_eval_set_are_refused(experiment, small_shards, small_synth, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(experiment, partial)
+    shutil.rmtree(partial / "fold1")
+    env = launch_env(tmp_path)
+    base = [sys.executable, "-m", "maskdist", "predict"]
+    result = subprocess.run(base + [str(partial), "--shards", str(small_shards), "--out", str(tmp_path / "s.csv")],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "fold(s) 1 missing of 3" in result.stderr
+    assert not (tmp_path / "s.csv").exists()
+    info = tmp_path / "info.csv"
+    lines = (small_synth / "eval" / "info.csv").read_text().splitlines()
+    info.write_text("\n".join(lines[:-2]) + "\n")
+    result = subprocess.run(base + [str(experiment), "--shards", str(small_shards), "--info", str(info), "--out", str(tmp_path / "s.csv")],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and f"has {len(lines) - 3} rows but the shard set holds {len(lines) - 1}" in result.stderr
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_pseudo_labels_go_to_training_folds_only(experiment, small_synth, tmp_path):
+    from maskdist.shards import build_shards
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for i, src in enumerate(sorted((small_synth / "eval" / "images").glob("[0-9a-f]*.jpg"))[:12]):
+        shutil.copy(src, outside / f"{i:04d}_{61 + i}.jpg")
+    (outside / "broken_70.jpg").write_bytes(b"")
+    labels_csv = tmp_path / "pseudo.csv"
+    result = subprocess.run([sys.executable, "-m", "maskdist", "pseudo-label", str(experiment), str(outside), "--out", str(labels_csv),
+                             "--min-confidence", "0", "--age-from-filename", r"_(\d+)\.", "--workers", "0"],
+                            env=launch_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "unreadable, skipped: 1" in result.stdout
+    table = pd.read_csv(labels_csv)
+    assert len(table) == 12 and (table["age"] >= 61).all() and (table["label"] % 3 == 2).all()
+    # a threshold above every confidence drops all of them, and says so
+    strict = subprocess.run([sys.executable, "-m", "maskdist", "pseudo-label", str(experiment), str(outside), "--out",
+                             str(tmp_path / "none.csv"), "--min-confidence", "1.0", "--workers", "0"],
+                            env=launch_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert "pseudo-labelled 0 of 13" in strict.stdout and "threshold: 12" in strict.stdout
+
+    plain, with_extra = tmp_path / "plain", tmp_path / "extra"
+    build_shards(small_synth / "train", plain, folds=FOLDS, image_size=64)
+    build_shards(small_synth / "train", with_extra, folds=FOLDS, image_size=64, extra=[labels_csv])
+    a = json.loads((plain / "manifest.json").read_text())["totals"]["train"]
+    b = json.loads((with_extra / "manifest.json").read_text())["totals"]["train"]
+    for fold in range(FOLDS):
+        assert a[str(fold)] == b[str(fold)], "a validation fold gained samples"
+    assert sum(b["extra"]) == 12
+    extra_shards = [s for s in json.loads((with_extra / "manifest.json").read_text())["shards"] if s["fold"] == -1]
+    assert extra_shards and all(s["path"].startswith("train/extra/") for s in extra_shards)
+    assert open_shard_set(with_extra).samples("train", [0], extra=False) == open_shard_set(plain).samples("train", [0], extra=False)
