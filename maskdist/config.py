@@ -62,7 +62,7 @@ class TrainConfig:
     # bookkeeping
     seed: int = _opt(0, "Base seed: model init, sampling, augmentation.")
     resume: bool = _opt(False, "Continue an interrupted run from OUT/fold<K>/state.")
-    log_every: int = _opt(10, "Log training scalars every N optimiser steps.")
+    log_every: int = _opt(10, "Log training scalars every N training steps (batches), and at the end of each epoch.")
     max_steps: int = _opt(0, "Stop each epoch after N steps (smoke tests); 0: full epochs.")
     timeout_s: int = _opt(1800, "Collective-operation timeout (a hung rank becomes an error).")
 

@@ -26,7 +26,7 @@ def score_scalars(scores: Scores, prefix: str = "val") -> dict[str, float]:
     return scalars(out)
 
 
-def confusion_image(matrix, cell: int = 28) -> np.ndarray:
+def confusion_image(matrix, cell: int = 22) -> np.ndarray:
     """The confusion matrix (rows true, columns predicted) as an RGB uint8 HWC picture,
     rows normalised to the true count, with counts written in the cells."""
     m = np.asarray(matrix, dtype=np.float64)

@@ -26,6 +26,9 @@ class WarmRestarts:
             return self.base_lr * (epoch + 1e-8) / self.warmup_epochs
         t = epoch - self.warmup_epochs
         period = self.restart_epochs or max(self.total_epochs - self.warmup_epochs, 1e-8)
+        if not self.restart_epochs:  # one cosine: it ends at min_lr, it does not restart
+            t = min(t, period)
+            return self.min_lr + (self.base_lr - self.min_lr) * (1 + math.cos(math.pi * t / period)) / 2
         if self.restart_mult == 1:
             t_cur, t_i = math.fmod(t, period), period
         else:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import shutil
 import time
@@ -195,7 +194,7 @@ def train(cfg: config_mod.TrainConfig) -> dict:
         accelerator.load_state(str(run_dir / STATE))
         start_epoch, best = resumed["epoch"] + 1, resumed["best"]
     if main:
-        accelerator.init_trackers("tb", config=monitor.hparams(cfg.to_dict()))
+        accelerator.init_trackers("tb")
         accelerator.print(
             f"fold {cfg.fold}: {world} process(es) on {accelerator.device}, {sum(counts)} training samples, "
             f"{steps_per_epoch} steps/epoch of {cfg.batch_size}x{world}, lr {base_lr:.4g}, epochs {start_epoch}..{cfg.epochs - 1}"
@@ -205,27 +204,34 @@ def train(cfg: config_mod.TrainConfig) -> dict:
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         train_data.set_epoch(epoch)
-        seen, loss_sum, started = 0, torch.zeros((), device=accelerator.device), time.perf_counter()
+        steps_done, seen, started = 0, 0, time.perf_counter()
+        loss_sum = torch.zeros((), device=accelerator.device)  # a device tensor: no host sync per step
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=None if main else True, dynamic_ncols=True, leave=False)
         for step, batch in enumerate(train_data):
             if step >= steps_per_epoch:
                 break
-            if epoch == start_epoch and step == 0 and writer is not None:
-                writer.add_image("train/augmented_batch", monitor.image_grid(batch["image"]), epoch, dataformats="HWC")
+            global_step = epoch * steps_per_epoch + step  # the x axis of every TensorBoard tag
+            if epoch == 0 and step == 0 and writer is not None:
+                writer.add_image("train/augmented_batch", monitor.image_grid(batch["image"]), global_step, dataformats="HWC")
             optimizer_step = epoch * optimizer_steps_per_epoch + (step + 1) // cfg.grad_accum
             loss = train_step(accelerator, model, optimizer, loss_fn, batch, mean, std, channels_last,
                               schedule.lr(optimizer_step / optimizer_steps_per_epoch), cfg.clip_grad)
             seen += batch["image"].shape[0]
-            loss_sum = loss_sum + loss  # a device tensor: no host sync per step
-            if main and (step + 1) % cfg.log_every == 0:
-                elapsed = time.perf_counter() - started
-                rate = seen * world / max(elapsed, 1e-9)
-                accelerator.log(monitor.scalars({"train/loss": float(loss_sum) / (step + 1), "train/lr": optimizer.param_groups[0]["lr"],
-                                                 "train/images_per_s": rate}), step=epoch * steps_per_epoch + step + 1)
-                bar.set_postfix(loss=f"{float(loss_sum) / (step + 1):.3f}", img_s=f"{rate:.0f}")
+            loss_sum = loss_sum + loss
+            steps_done += 1
+            # Every rank reaches the same steps (equal step counts), so the reduce cannot hang.
+            if (global_step + 1) % cfg.log_every == 0 or steps_done == steps_per_epoch:
+                mean_loss = float(accelerator.reduce(loss_sum, "mean")) / steps_done
+                if main:
+                    rate = seen * world / max(time.perf_counter() - started, 1e-9)
+                    accelerator.log(monitor.scalars({"train/loss": mean_loss, "train/lr": optimizer.param_groups[0]["lr"],
+                                                     "train/images_per_s": rate}), step=global_step + 1)
+                    bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{rate:.0f}")
             bar.update(1)
         bar.close()
         train_seconds = time.perf_counter() - started
+        epoch_loss = float(accelerator.reduce(loss_sum, "mean")) / max(steps_done, 1)
+        epoch_end_step = (epoch + 1) * steps_per_epoch
 
         predictions = evaluate(accelerator, accelerator.unwrap_model(model), val_loader, mean, std, channels_last)
         scores = metrics.score(predictions["label_true"], np.stack(predictions["probs"].to_numpy()).argmax(axis=1)) if len(predictions) else None
@@ -234,11 +240,11 @@ def train(cfg: config_mod.TrainConfig) -> dict:
         improved = scores.macro_f1 > best["macro_f1"]
         if main:
             rate = seen * world / max(train_seconds, 1e-9)
-            accelerator.log(monitor.score_scalars(scores) | monitor.scalars({"train/epoch_loss": float(loss_sum) / max(step + 1, 1), "train/epoch_images_per_s": rate}),
-                            step=(epoch + 1) * steps_per_epoch)
-            writer.add_image("val/confusion", monitor.confusion_image(scores.confusion), epoch, dataformats="HWC")
+            accelerator.log(monitor.score_scalars(scores) | monitor.scalars({"train/epoch_loss": epoch_loss, "train/epoch_images_per_s": rate}),
+                            step=epoch_end_step)
+            writer.add_image("val/confusion", monitor.confusion_image(scores.confusion), epoch_end_step, dataformats="HWC")
             accelerator.print(
-                f"epoch {epoch}: loss {float(loss_sum) / max(step + 1, 1):.4f}, {rate:.0f} img/s, val macro F1 {scores.macro_f1:.4f} "
+                f"epoch {epoch}: loss {epoch_loss:.4f}, {rate:.0f} img/s, val macro F1 {scores.macro_f1:.4f} "
                 f"(mask {scores.part_f1['mask']:.3f}, gender {scores.part_f1['gender']:.3f}, age {scores.part_f1['age']:.3f})"
                 + (" *best*" if improved else "")
             )
@@ -255,6 +261,10 @@ def train(cfg: config_mod.TrainConfig) -> dict:
         _save_state(accelerator, run_dir, {"epoch": epoch, "best": best, "steps_per_epoch": steps_per_epoch})
 
     if main:
+        # hparams beside the metrics they produced, in the run's own folder (accelerate's
+        # init_trackers(config=...) writes them to a separate run without metrics).
+        writer.add_hparams(monitor.hparams(cfg.to_dict()), {"hparams/best_macro_f1": best["macro_f1"], "hparams/best_epoch": best["epoch"]},
+                           run_name=".")
         accelerator.print(f"fold {cfg.fold}: best macro F1 {best['macro_f1']:.4f} at epoch {best['epoch']}; run folder {run_dir}")
     accelerator.end_training()
     return best

@@ -25,6 +25,7 @@ def test_warmup_is_linear_then_cosine_reaches_min_at_the_end():
     assert s.lr(1.0) == pytest.approx(1.0)
     assert s.lr(3.0) == pytest.approx(0.5)
     assert s.lr(5.0 - 1e-9) == pytest.approx(0.0, abs=1e-6)
+    assert s.lr(5.0) == pytest.approx(0.0, abs=1e-9), "one cosine must not restart at the end of the run"
     assert scaled_lr(0.05, 512, 256) == pytest.approx(0.1)
 
 

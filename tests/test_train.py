@@ -35,6 +35,13 @@ def _events(run_dir):
     return accumulators
 
 
+def _has_plugin(acc, name: str) -> bool:
+    try:
+        return bool(acc.PluginTagToContent(name))
+    except KeyError:
+        return False
+
+
 @pytest.fixture(scope="module")
 def ddp_run(small_shards, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
@@ -83,8 +90,17 @@ def test_tensorboard_events_hold_the_promised_tags(ddp_run):
     assert {"val/confusion", "train/augmented_batch"} <= images
     assert len(values["val/macro_f1"]) == 2  # one per epoch, from the main process only
     assert all(v > 0 for v in values["train/images_per_s"])
-    hparams = list((run_dir / "tb").rglob("hparams.yml"))
-    assert hparams and "test_efficientnet" in hparams[0].read_text()
+    # the epoch loss is the mean of the epoch's steps: the last running mean logged in the epoch
+    steps = {tag: [e.step for e in acc.Scalars(tag)] for acc in _events(run_dir) for tag in acc.Tags()["scalars"]}
+    last_in_epoch = [values["train/loss"][steps["train/loss"].index(s)] for s in steps["train/epoch_loss"]]
+    assert values["train/epoch_loss"] == pytest.approx(last_in_epoch, rel=1e-5)
+    # one cosine over the run (no restarts configured): the lr only falls
+    assert all(a > b for a, b in zip(values["train/lr"], values["train/lr"][1:]))
+    # hparams live in the fold's own run, with the metric they produced: one run per fold
+    runs = {p.parent for p in (run_dir / "tb").rglob("events.out.tfevents.*")}
+    assert runs == {run_dir / "tb"}
+    hparams = [acc.PluginTagToContent("hparams") for acc in _events(run_dir) if _has_plugin(acc, "hparams")]
+    assert hparams and any(b"test_efficientnet" in content for h in hparams for content in h.values())
 
 
 def test_killed_run_resumes_to_the_same_epoch_count(small_shards, tmp_path):
