@@ -68,12 +68,13 @@ def synth(out, people, scale, eval_people, seed, workers, external, overwrite):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--config", default="cpu_fast", show_default=True, help="Train preset or YAML file.")
 @click.option("--processes", type=int, default=0, help="CPU processes per fold (default: 2 when two cores are free, else 1).")
-def demo(workdir, people, eval_people, folds, seed, config, processes):
+@click.option("--epochs", type=int, default=None, help="Override the preset's epochs (fewer: faster, lower scores).")
+def demo(workdir, people, eval_people, folds, seed, config, processes, epochs):
     """The whole flow on built-in synthetic data: synth, shards, k folds, ensemble, score."""
     from maskdist.demo import DemoOptions, run_demo
 
     run_demo(DemoOptions(workdir=workdir, people=people, eval_people=eval_people, folds=folds, seed=seed,
-                         config=config, processes=processes), echo=click.echo)
+                         config=config, processes=processes, epochs=epochs), echo=click.echo)
 
 
 # --- layout -----------------------------------------------------------------------------
@@ -243,7 +244,11 @@ def kfold(ctx, shards, out, config_file, processes, cpu, parallel_folds, gpus, f
         click.echo(f"fold {fold}: macro F1 {scores.macro_f1:.4f}")
     click.echo(f"out-of-fold macro F1 {result['oof'].macro_f1:.4f} ({result['samples']} images)")
     if answers:
-        click.echo(f"ensemble macro F1 on {answers}: {scoring.score_submission(written, answers).macro_f1:.4f}")
+        from maskdist.predict import probs_path
+
+        versus = scoring.ensemble_and_folds(probs_path(written), answers)
+        click.echo(f"ensemble macro F1 on {answers}: {versus['ensemble']:.4f} "
+                   f"(single fold models: mean {versus['fold_mean']:.4f})")
     click.echo(f"submission: {written}")
 
 
@@ -324,7 +329,7 @@ def shards_verify(path, quick, quiet):
         sys.exit(1)
 
 
-# --- bench (maskdist.bench_loader) ---
+# --- bench (maskdist.bench_loader, maskdist.bench_train) ---
 
 
 @main.group(cls=_Group)
@@ -361,3 +366,24 @@ def bench_loader_cmd(shards, workers, samples, batch_size, alpha, folder, seed, 
         click.echo(json.dumps(data, indent=1))
     else:
         click.echo(result.describe())
+
+
+@bench.command("train")
+@click.option("--model", default="efficientnet_b3", show_default=True, help="timm architecture.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--crop", type=int, default=150, show_default=True, help="Input size (square).")
+@click.option("--steps", type=int, default=20, show_default=True, help="Timed steps per round and loop.")
+@click.option("--rounds", type=int, default=3, show_default=True, help="Alternating rounds of the two loops.")
+@click.option("--precision", type=click.Choice(["no", "bf16", "fp16"]), default="no", show_default=True)
+@click.option("--compile", "compile_model", is_flag=True, help="torch.compile both models.")
+@click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
+def bench_train_cmd(model, batch_size, crop, steps, rounds, precision, compile_model, as_json):
+    """maskdist's training step vs a bare PyTorch loop (same model, loss, optimiser, precision)."""
+    import dataclasses
+    import json
+
+    from maskdist import bench_train as bench_api
+
+    result = bench_api.run(model, batch_size=batch_size, crop=crop, steps=steps, rounds=rounds, precision=precision,
+                           compile_model=compile_model)
+    click.echo(json.dumps(dataclasses.asdict(result) | {"ratio": result.ratio}) if as_json else result.describe())

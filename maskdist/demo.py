@@ -15,6 +15,7 @@ from typing import Callable
 
 from maskdist import kfold, scoring, synth
 from maskdist.manifest import MANIFEST
+from maskdist.predict import probs_path
 
 
 def free_cores() -> int:
@@ -33,6 +34,7 @@ class DemoOptions:
     seed: int = 0
     config: str = "cpu_fast"
     processes: int = 0  # 0: 2 when two cores are free, else 1
+    epochs: int | None = None  # None: the preset's
     workers: int = 2
 
 
@@ -70,21 +72,25 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> dict:
     )
     processes = options.processes or (2 if free_cores() >= 2 else 1)
     plan = kfold.KFoldPlan(shards=str(shard_dir), out=runs, processes=processes, cpu=True, config=options.config,
-                           train_args=["--seed", str(options.seed)], submission=submission)
+                           train_args=["--seed", str(options.seed)] + (["--epochs", str(options.epochs)] if options.epochs else []),
+                           submission=submission)
     echo(f"[train] {options.folds} folds, preset {options.config}, {processes} CPU process(es) per fold")
     _stage("train + predict", submission.is_file() and all(kfold.fold_finished(runs / f"fold{k}") for k in range(options.folds)),
            lambda: kfold.run(plan, echo), echo)
 
     oof = scoring.oof_scores(runs)
     ensemble = scoring.score_submission(submission, data / "eval_answers.csv")
+    versus = scoring.ensemble_and_folds(probs_path(submission), data / "eval_answers.csv")
     fold_f1 = {k: s.macro_f1 for k, s in sorted(oof["folds"].items())}
     echo("")
     echo("per-fold validation macro F1: " + ", ".join(f"{k}: {v:.4f}" for k, v in fold_f1.items()))
     echo(f"out-of-fold macro F1 (cross-validated): {oof['oof'].macro_f1:.4f}  ({oof['samples']} training images)")
     echo(f"ensemble macro F1 on the hidden eval answers: {ensemble.macro_f1:.4f}  ({ensemble.samples} eval images)")
+    echo(f"single fold models on the same answers: mean {versus['fold_mean']:.4f} ("
+         + ", ".join(f"{k}: {v:.4f}" for k, v in versus["folds"].items()) + ")")
     echo(f"  parts: mask {ensemble.part_f1['mask']:.3f}, gender {ensemble.part_f1['gender']:.3f}, age {ensemble.part_f1['age']:.3f}")
     echo(f"submission: {submission}")
     echo(f"TensorBoard logs: {runs}/fold*/tb   view them with: tensorboard --logdir {runs}")
     echo(f"demo finished in {time.perf_counter() - started:.0f} s")
-    return {"fold_f1": fold_f1, "oof_f1": oof["oof"].macro_f1, "ensemble_f1": ensemble.macro_f1,
+    return {"fold_f1": fold_f1, "oof_f1": oof["oof"].macro_f1, "ensemble_f1": ensemble.macro_f1, "fold_eval_f1": versus["folds"],
             "submission": submission, "runs": runs, "shards": shard_dir, "data": data}

@@ -12,14 +12,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from maskdist import checkpoint, labels, layout, parallel, stream, transforms
+from maskdist import checkpoint, layout, parallel, stream, transforms
 from maskdist.errors import MaskdistError
 from maskdist.fileio import atomic_path
 from maskdist.images import ImageError, decode_rgb

@@ -67,3 +67,17 @@ def describe_scores(scores: metrics.Scores, title: str = "") -> str:
     lines.append("confusion (rows true, columns predicted):")
     lines.extend(" ".join(f"{v:>4d}" for v in row) for row in matrix)
     return "\n".join(lines)
+
+
+def ensemble_and_folds(probs_npz: str | os.PathLike, answers: str | os.PathLike) -> dict:
+    """Macro F1 on the answers of the ensemble and of each fold model alone, from the
+    ``.probs.npz`` that ``predict`` writes beside the submission."""
+    saved = np.load(probs_npz)
+    truth = layout._read_csv(Path(answers), ("ImageID", "ans"), "an answers file").set_index("ImageID")
+    missing = set(saved["image_id"]) - set(truth.index)
+    if missing:
+        raise MaskdistError(f"{answers} lacks {len(missing)} of the predicted images: pass the answers of this eval set")
+    y = truth.loc[list(saved["image_id"]), "ans"].astype(int).to_numpy()
+    folds = {int(k): metrics.score(y, saved["fold_probs"][:, i].argmax(axis=1)).macro_f1 for i, k in enumerate(saved["folds"])}
+    return {"ensemble": metrics.score(y, saved["probs"].argmax(axis=1)).macro_f1, "folds": folds,
+            "fold_mean": float(np.mean(list(folds.values())))}

@@ -14,7 +14,6 @@ import torch
 
 from conftest import accelerate_cmd, launch_env, run_launch
 from maskdist import checkpoint, metrics, scoring, stream, transforms
-from maskdist.errors import MaskdistError
 from maskdist.manifest import open_shard_set
 from maskdist.predict import probs_path
 
@@ -58,7 +57,7 @@ def test_submission_keeps_info_csv_and_two_processes_match_one(experiment, small
     assert (probs["probs"].argmax(axis=1) == answers).all()
 
 
-def test_ensemble_is_the_mean_of_fold_models(experiment, small_shards, tmp_path):
+def test_ensemble_is_the_mean_of_fold_models(experiment, small_shards, small_synth, tmp_path):
     out = _predict(experiment, small_shards, tmp_path, 1)
     saved = np.load(probs_path(out))
     shard_set = open_shard_set(small_shards)
@@ -75,8 +74,13 @@ def test_ensemble_is_the_mean_of_fold_models(experiment, small_shards, tmp_path)
         direct.append(np.stack([rows[r] for r in range(len(rows))]))
     assert np.allclose(saved["probs"], np.mean(direct, axis=0), atol=1e-5)
     assert np.allclose(saved["fold_probs"], np.stack(direct, axis=1), atol=1e-5)
+    # the ensemble-versus-folds report scores exactly these probabilities
+    answers = pd.read_csv(small_synth / "eval_answers.csv", dtype=str).set_index("ImageID").loc[saved["image_id"], "ans"].astype(int)
+    versus = scoring.ensemble_and_folds(probs_path(out), small_synth / "eval_answers.csv")
+    assert versus["ensemble"] == pytest.approx(metrics.score(answers, np.mean(direct, axis=0).argmax(axis=1)).macro_f1)
+    assert [versus["folds"][k] for k in range(FOLDS)] == pytest.approx([metrics.score(answers, d.argmax(axis=1)).macro_f1 for d in direct])
     # F1 weights change the mix exactly as the cards' F1 say
-    weighted = _predict(experiment, small_shards, tmp_path, 1, "--weights", "f1", "--out", str(tmp_path / "w.csv"))
+    _predict(experiment, small_shards, tmp_path, 1, "--weights", "f1", "--out", str(tmp_path / "w.csv"))
     f1 = np.array([checkpoint.read_card(experiment / f"fold{k}")["metrics"]["macro_f1"] for k in range(FOLDS)])
     w = np.load(probs_path(tmp_path / "w.csv"))
     assert np.allclose(w["weights"], f1 / f1.sum(), atol=1e-6)
@@ -89,7 +93,7 @@ def test_oof_f1_is_recomputed_from_the_saved_files(experiment, small_shards):
     everything = pd.concat(frames)
     assert len(everything) == open_shard_set(small_shards).samples("train", extra=False)
     assert result["oof"].macro_f1 == pytest.approx(metrics.score(everything["label_true"], everything["pred"]).macro_f1)
-    for k, frame in enumerate(frames):
+    for k in range(FOLDS):
         assert result["folds"][k].macro_f1 == pytest.approx(checkpoint.read_card(experiment / f"fold{k}")["metrics"]["macro_f1"])
 
 
