@@ -1,0 +1,98 @@
+"""The docs cannot rot: every ```bash command in docs/ runs here, in order, on CPU-sized data,
+and every ```gpu command is checked for existing flags and files."""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from conftest import REPO
+
+DOCS = REPO / "docs"
+# The order in which the pages build on each other's outputs.
+ORDER = ["quickstart.md", "data.md", "shards.md", "training.md", "kfold.md", "pseudo-labelling.md", "monitoring.md",
+         "performance.md", "troubleshooting.md", "design.md"]
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+# What some commands must print: a command that ran but printed nonsense fails the test.
+EXPECT = {
+    "maskdist layout": "people",
+    "maskdist shards inspect shards/demo-set --json": '"train_samples"',
+    "maskdist shards inspect": "training samples per fold and class",
+    "maskdist shards verify": "ok",
+    "maskdist oof runs/kfold-doc --json": '"oof"',
+    "maskdist oof": "macro F1",
+    "maskdist score": "macro F1",
+    "maskdist kfold": "out-of-fold macro F1",
+    "maskdist pseudo-label": "pseudo-labelled",
+    "maskdist demo": "ensemble macro F1 on the hidden eval answers",
+}
+
+
+def blocks(page: Path, language: str) -> list[str]:
+    """Command lines of the page's fenced blocks of one language."""
+    lines = []
+    for lang, body in FENCE.findall(page.read_text()):
+        if lang == language:
+            lines += [line for line in body.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return lines
+
+
+def test_every_doc_page_is_listed_in_order_and_in_the_index():
+    pages = {p.name for p in DOCS.glob("*.md")} - {"README.md"}
+    assert pages == set(ORDER)
+    index = (DOCS / "README.md").read_text()
+    for page in ORDER:
+        assert f"({page})" in index, page
+
+
+def test_bash_commands_run(tmp_path):
+    env = dict(os.environ)
+    bin_dir = str(Path(sys.executable).parent)
+    env.update(PATH=bin_dir + os.pathsep + env.get("PATH", ""), HF_HOME=str(tmp_path / "hf"), CUDA_VISIBLE_DEVICES="",
+               OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    (tmp_path / "launch").symlink_to(REPO / "launch")  # commands name launch/ files relative to the repo
+    ran = 0
+    for page in ORDER:
+        for command in blocks(DOCS / page, "bash"):
+            result = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+            assert result.returncode == 0, f"{page}: {command}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+            for prefix, needle in EXPECT.items():
+                if command.startswith(prefix):
+                    assert needle in result.stdout, f"{page}: {command} did not print {needle!r}:\n{result.stdout[-2000:]}"
+                    break
+            ran += 1
+    assert ran >= 25
+    # the quickstart's submission is a real one: info.csv order, classes 0..17
+    info = pd.read_csv(tmp_path / "data/synth/eval/info.csv", dtype=str)
+    sub = pd.read_csv(tmp_path / "runs/quick/submission.csv", dtype=str)
+    assert sub["ImageID"].tolist() == info["ImageID"].tolist() and sub["ans"].astype(int).between(0, 17).all()
+    assert (tmp_path / "shards/synth-extra/train/extra").is_dir()
+
+
+def test_gpu_commands_use_existing_flags_and_files():
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    checked = 0
+    for page in ORDER:
+        for command in blocks(DOCS / page, "gpu"):
+            words = shlex.split(command)
+            if words[0].startswith("launch/"):
+                assert os.access(REPO / words[0], os.X_OK), f"{page}: {words[0]} is not an executable script"
+                words = ["maskdist", "kfold", *words[3:]]  # the script passes the rest to maskdist kfold
+            if words[:2] == ["accelerate", "launch"]:
+                config = words[words.index("--config_file") + 1]
+                assert (REPO / config).is_file(), f"{page}: {config} does not exist"
+                words = ["maskdist", *words[words.index("maskdist") + 1:]]
+            assert words[0] == "maskdist", f"{page}: unexpected command {command}"
+            if "--config" in words:
+                preset = words[words.index("--config") + 1]
+                assert (REPO / "maskdist" / "presets" / f"{preset}.yaml").is_file() or (REPO / preset).is_file(), preset
+            # click validates every option name before --help (eager) ends the command
+            result = subprocess.run([sys.executable, "-m", *words, "--help"], env=env, capture_output=True, text=True, timeout=60)
+            assert result.returncode == 0, f"{page}: {command}\n{result.stderr[-1500:]}"
+            checked += 1
+    assert checked >= 8
