@@ -79,7 +79,7 @@ class BenchResult:
             lines.append(f"    class {c:2d}: {100 * e:6.2f} {100 * ours[c]:6.2f} {100 * base[c]:6.2f}")
         lines.append(f"  largest gap stream vs requested: {100 * worst:.2f} percentage points"
                      f" over {sum(self.stream_runs[-1].class_counts)} samples")
-        lines += ["", "  worker RSS (MB): first / last / max over the run"]
+        lines += ["", "  worker RSS (MB): at start / at end / max over the timed run"]
         for r in self.stream_runs + self.baseline_runs:
             for pid, values in r.rss_mb.items():
                 if values:
@@ -214,11 +214,19 @@ def bench_loader(shards: str | Path | ShardSet, workers: int = 2, samples: int =
                                       lambda: [p.pid for p in getattr(batches, "_workers", [])], shard_set.num_classes))
         del batches, loader
 
-    sizes = shard_set.manifest.get("image", {})
     with_size = next(iter(_image_size(paths[:1])), None)
-    note = (f"shards store JPEGs at short side {sizes.get('short_side')}; the baseline reads the originals"
-            + (f" ({with_size[1]}x{with_size[0]})" if with_size else ""))
+    note = (f"shards store JPEGs {stored_size_text(shard_set.manifest.get('image', {}))}; the baseline reads the originals"
+            + (f" ({with_size[0]}x{with_size[1]} HxW)" if with_size else ""))
     return BenchResult(str(shard_set.location), batch_size, samples, alpha, expected, stream_runs, baseline_runs, note)
+
+
+def stored_size_text(image: dict) -> str:
+    """How a manifest's ``image`` entry says the shards were sized."""
+    if image.get("size"):
+        return f"at exactly {image['size'][0]}x{image['size'][1]} HxW (aspect not kept)"
+    if image.get("short_side"):
+        return f"at shorter side {image['short_side']}"
+    return "at their original size"
 
 
 def _image_size(paths: list[str]) -> list[tuple[int, int]]:

@@ -1,8 +1,10 @@
 """Robust image decode, resize and JPEG encode for shard building (and checking).
 
 Every input image goes through :func:`prepare`: decode (PIL, strict about truncation), convert
-to RGB whatever the mode (palette, RGBA, grayscale, 16-bit, CMYK), shrink so the shorter side
-is ``short_side`` (``cv2.INTER_AREA``; never enlarged) and re-encode as JPEG with OpenCV.
+to RGB whatever the mode (palette, RGBA, grayscale, 16-bit, CMYK), resize (:func:`resize_to`:
+an int shrinks so the shorter side is that many pixels, never enlarging; an ``(h, w)`` pair
+resizes to exactly that size, aspect ratio not kept, as the training ``Resize((h, w))`` does;
+``cv2.INTER_AREA`` when shrinking) and re-encode as JPEG with OpenCV.
 Bad files raise :class:`ImageError` with a short machine-readable ``reason``
 (``empty``, ``truncated``, ``corrupt``, ``unreadable``) so the build can count and list them.
 
@@ -142,6 +144,28 @@ def resize_short(rgb: np.ndarray, short_side: int | None) -> np.ndarray:
     return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
 
 
+def resize_exact(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize to exactly ``size`` (h, w), aspect ratio not kept: ``cv2.INTER_AREA`` when no side
+    grows (one clean resampling, no aliasing), else ``cv2.INTER_LINEAR`` (what the training
+    transform's resize would do to it anyway)."""
+    h, w = rgb.shape[:2]
+    th, tw = int(size[0]), int(size[1])
+    if (h, w) == (th, tw):
+        return rgb
+    interpolation = cv2.INTER_AREA if th <= h and tw <= w else cv2.INTER_LINEAR
+    return cv2.resize(rgb, (tw, th), interpolation=interpolation)
+
+
+def resize_to(rgb: np.ndarray, size: int | tuple[int, int] | None) -> np.ndarray:
+    """``size``: None keeps the image, an int is the shorter side (:func:`resize_short`), an
+    ``(h, w)`` pair the exact size (:func:`resize_exact`)."""
+    if size is None:
+        return rgb
+    if isinstance(size, (tuple, list)):
+        return resize_exact(rgb, (int(size[0]), int(size[1])))
+    return resize_short(rgb, int(size))
+
+
 def encode_jpeg(rgb: np.ndarray, quality: int = 95) -> bytes:
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     if not ok:
@@ -149,18 +173,22 @@ def encode_jpeg(rgb: np.ndarray, quality: int = 95) -> bytes:
     return buf.tobytes()
 
 
-def prepare(data: bytes, short_side: int | None = 256, quality: int = 95) -> tuple[bytes, tuple[int, int]]:
-    """Decode, convert to RGB, resize and re-encode; returns (jpeg bytes, (height, width))."""
-    rgb = resize_short(decode_rgb(data), short_side)
+def prepare(data: bytes, size: int | tuple[int, int] | None = (224, 224), quality: int = 95) -> tuple[bytes, tuple[int, int]]:
+    """Decode, convert to RGB, resize and re-encode; returns (jpeg bytes, (height, width)).
+
+    ``size``: the shorter side (int), an exact ``(h, w)`` (the default, as ``shards build``'s),
+    or None (keep the size); see :func:`resize_to`.
+    """
+    rgb = resize_to(decode_rgb(data), size)
     return encode_jpeg(rgb, quality), (int(rgb.shape[0]), int(rgb.shape[1]))
 
 
-def prepare_file(path: str | Path, short_side: int | None = 256, quality: int = 95) -> tuple[bytes, tuple[int, int]]:
+def prepare_file(path: str | Path, size: int | tuple[int, int] | None = (224, 224), quality: int = 95) -> tuple[bytes, tuple[int, int]]:
     try:
         data = Path(path).read_bytes()
     except OSError as err:
         raise ImageError("unreadable", f"cannot read: {err.strerror or err}") from None
-    return prepare(data, short_side, quality)
+    return prepare(data, size, quality)
 
 
 def check_jpeg(data: bytes) -> tuple[int, int]:

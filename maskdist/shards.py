@@ -39,9 +39,14 @@ from maskdist.manifest import (
     open_shard_set,
 )
 
-DEFAULT_IMAGE_SIZE = 256  # shorter side; margin for the resize-224 -> crop-150 recipe
+# Exactly 224x224 (aspect not kept): the recipe's first op, Resize((224, 224)), done once at
+# build time with INTER_AREA. The loader then decodes a 224x224 JPEG and skips its resize
+# (~1.5x the images/s of a 224-short-side set, ~1.7x of the old 256 default). A transform
+# that resizes to more than the stored size would upscale: build for it (``--image-size
+# 288x288``, or ``--image-size 256`` for the shorter side with the aspect kept).
+DEFAULT_IMAGE_SIZE = "224x224"
 DEFAULT_QUALITY = 95
-DEFAULT_SHARD_SIZE = 2000  # ~2000 x ~20 KB = ~40 MB per shard at 256 px
+DEFAULT_SHARD_SIZE = 2000  # ~2000 x ~13 KB = ~25 MB per shard at 224x224 q95 (~40 MB at 256 px)
 IMAGE_EXT = "jpg"
 META_EXT = "json"
 ALLOWED_EXTS = (IMAGE_EXT, META_EXT)
@@ -49,9 +54,192 @@ TRAIN_FIELDS = {"person": str, "id": str, "gender": int, "age": int, "mask": int
                 "label_true": int, "fold": int, "source": str, "relpath": str}
 EVAL_FIELDS = {"row": int, "image_id": str, "relpath": str}
 SOURCES = ("competition", "extra")
-# webdataset's key/extension split: the extension starts at the first dot of the last part.
-_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 _UNKNOWN_AGE = -1
+
+
+class ShardFormatError(MaskdistError):
+    """A shard whose bytes do not match the format: not a plain ustar/pax tar as the writer makes
+    them (bad header, unsupported member type, truncated), or a sample without its image or json."""
+
+
+# --- reading tars -------------------------------------------------------------------------
+# The stream and ``verify`` read shards with this small reader instead of :mod:`tarfile`: the
+# writer makes plain POSIX tars (ustar headers, a pax header only for a long or non-ASCII name),
+# so one 512-byte header parse per member is all it takes, at a fraction of tarfile's cost per
+# member. It is strict: a bad checksum or magic, a member type that would change how later
+# members are read (GNU long names, sparse files, global pax headers that set a path or size),
+# a size in base-256 or a missing end-of-archive block raises ShardFormatError. It never
+# interprets member contents; what to read is the caller's choice.
+
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+REGULAR_TYPES = (b"0", b"\x00", b"7")
+DIRECTORY_TYPE = b"5"
+_PAX, _PAX_GLOBAL = b"x", b"g"
+_LINK_AND_DEVICE_TYPES = (b"1", b"2", b"3", b"4", b"6")
+_SKIP_CHUNK = 1 << 20
+
+
+def _tar_number(field: bytes, what: str, where: str) -> int:
+    if field[:1] and field[0] & 0x80:
+        raise ShardFormatError(f"{where}: {what} in base-256 (a member over 8 GB?) is not supported in shards")
+    text = field.split(b"\x00", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise ShardFormatError(f"{where}: tar header {what} {text[:12]!r} is not an octal number (not a tar, or damaged)") from None
+
+
+def _pax_records(data: bytes, where: str) -> dict[str, str]:
+    """``"LEN key=value\n"`` records of a pax extended header."""
+    records, pos, n = {}, 0, len(data)
+    while pos < n:
+        if data[pos] == 0:  # padding
+            break
+        space = data.find(b" ", pos)
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            raise ShardFormatError(f"{where}: malformed pax header record") from None
+        record = data[space + 1:pos + length]
+        if length < 1 or space < 0 or not record.endswith(b"\n") or b"=" not in record:
+            raise ShardFormatError(f"{where}: malformed pax header record")
+        key, value = record[:-1].split(b"=", 1)
+        try:
+            records[key.decode("utf-8")] = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ShardFormatError(f"{where}: pax header record is not UTF-8") from None
+        pos += length
+    return records
+
+
+class TarReader:
+    """Members of one tar stream, in order: iterate for ``(name, typeflag, size)``; call
+    :meth:`read` for the current member's bytes, or do nothing and they are skipped (seeked
+    over where the stream can seek, read through where it cannot: http, ``pipe:``).
+
+    ``where`` names the shard in errors. Iteration ends at the end-of-archive block; a stream
+    that ends before it raises ShardFormatError (truncated shard).
+    """
+
+    def __init__(self, stream, where: str, seekable: bool | None = None):
+        self.stream = stream
+        self.where = where
+        self.seekable = bool(getattr(stream, "seekable", lambda: False)()) if seekable is None else seekable
+        self.offset = 0  # of the next unread byte, for messages
+        self._size = 0  # size of the current member
+        self._left = 0  # its data + padding not consumed yet
+
+    def _read(self, n: int, what: str) -> bytes:
+        data = self.stream.read(n)
+        while len(data) < n:  # raw streams may return less than asked for
+            more = self.stream.read(n - len(data))
+            if not more:
+                raise ShardFormatError(f"{self.where}: truncated at byte {self.offset + len(data)} (in {what});"
+                                       " re-copy or rebuild the shard")
+            data += more
+        self.offset += n
+        return data
+
+    def _skip(self, n: int) -> None:
+        if n <= 0:
+            return
+        if self.seekable:
+            self.stream.seek(n, 1)  # past the end is caught by the next header read
+            self.offset += n
+            return
+        while n > 0:
+            step = min(n, _SKIP_CHUNK)
+            self._read(step, "member data")
+            n -= step
+
+    def read(self) -> bytes:
+        """The current member's bytes (once)."""
+        if self._left == 0 and self._size:
+            raise RuntimeError("member data already consumed")
+        data = self._read(self._size, "member data") if self._size else b""
+        self._skip(self._left - self._size)
+        self._left = 0
+        return data
+
+    def _header(self) -> tuple[str, bytes, int] | None:
+        at = self.offset
+        header = self.stream.read(_BLOCK)
+        if len(header) < _BLOCK:
+            header += self._read(_BLOCK - len(header), "a tar header") if header else b""
+        if not header:
+            raise ShardFormatError(f"{self.where}: ends at byte {at} without the tar end-of-archive block (truncated);"
+                                   " re-copy or rebuild the shard")
+        self.offset = at + _BLOCK
+        if header == _ZERO_BLOCK:
+            return None
+        where = f"{self.where}: tar header at byte {at}"
+        magic = header[257:265]
+        if magic[:5] != b"ustar":
+            raise ShardFormatError(f"{where}: no ustar magic (not a tar written by `maskdist shards build`, or damaged)")
+        stored = _tar_number(header[148:156], "checksum", where)
+        if stored != sum(header) - sum(header[148:156]) + 8 * 32:
+            raise ShardFormatError(f"{where}: checksum mismatch (damaged shard)")
+        size = _tar_number(header[124:136], "size", where)
+        name = header[:100].split(b"\x00", 1)[0]
+        if magic == b"ustar\x0000":  # POSIX: a name prefix (in GNU headers these bytes are times)
+            prefix = header[345:500].split(b"\x00", 1)[0]
+            if prefix:
+                name = prefix + b"/" + name
+        try:
+            text = name.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ShardFormatError(f"{where}: member name is not UTF-8") from None
+        return text, header[156:157], size
+
+    def __iter__(self) -> Iterator[tuple[str, bytes, int]]:
+        pax: dict[str, str] = {}
+        while True:
+            self._skip(self._left)  # what the caller did not read
+            self._left = self._size = 0
+            parsed = self._header()
+            if parsed is None:
+                return
+            name, typeflag, size = parsed
+            self._size, self._left = size, size + (-size % _BLOCK)
+            if typeflag in (_PAX, _PAX_GLOBAL):
+                records = _pax_records(self.read(), f"{self.where}: pax header {name!r}")
+                odd = [k for k in records if k.startswith("GNU.sparse")]
+                if typeflag == _PAX_GLOBAL:
+                    odd += [k for k in records if k in ("path", "size")]
+                if odd:
+                    raise ShardFormatError(f"{self.where}: pax header {name!r} sets {', '.join(sorted(odd))}:"
+                                           " not supported in shards (rebuild with `maskdist shards build`)")
+                if typeflag == _PAX:
+                    pax = records
+                continue
+            if typeflag not in REGULAR_TYPES and typeflag != DIRECTORY_TYPE and typeflag not in _LINK_AND_DEVICE_TYPES:
+                raise ShardFormatError(f"{self.where}: member {name!r} has tar type {typeflag!r}"
+                                       " (GNU long name, sparse or vendor extension): not supported in shards;"
+                                       " rebuild with `maskdist shards build`")
+            if pax:
+                name = pax.get("path", name)
+                if "size" in pax:
+                    try:
+                        size = int(pax["size"])
+                    except ValueError:
+                        raise ShardFormatError(f"{self.where}: member {name!r}: pax size {pax['size']!r} is not a number") from None
+                    self._size, self._left = size, size + (-size % _BLOCK)
+                pax = {}
+            if typeflag not in REGULAR_TYPES:  # directories, links and devices have no data
+                self._size = self._left = 0
+            yield name, typeflag, size
+
+
+def split_key(name: str) -> tuple[str, str] | None:
+    """``"a/b/key.ext.more"`` -> ``("a/b/key", "ext.more")`` (webdataset's split: the extension
+    starts at the first dot of the last path component); None without a key or a dot."""
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    if dot <= slash + 1:
+        return None
+    return name[:dot], name[dot + 1:]
+
 
 
 # --- build ---------------------------------------------------------------------------------
@@ -114,17 +302,43 @@ def _human(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def parse_image_size(value: int | str | None) -> int | None:
-    """``256`` / ``"256"`` -> 256; ``"original"`` / None -> None (keep full size)."""
+_SIZE_HW = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+
+
+def parse_image_size(value: int | str | tuple | list | None) -> int | tuple[int, int] | None:
+    """What ``--image-size`` means: ``224`` / ``"224"`` -> 224 (the shorter side, aspect kept,
+    never enlarged); ``"224x224"`` / ``(224, 224)`` -> (224, 224) (exactly HxW, aspect not kept:
+    the recipe's ``Resize((224, 224))`` done once at build time); ``"original"`` / None -> None."""
     if value is None or str(value).strip().lower() == "original":
         return None
-    try:
-        size = int(str(value).strip())
-    except ValueError:
-        raise MaskdistError(f"--image-size {value!r}: expected a number of pixels (e.g. 256) or 'original'") from None
-    if size < 16:
-        raise MaskdistError(f"--image-size {size} is too small: use at least 16 (default {DEFAULT_IMAGE_SIZE})")
-    return size
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        h, w = (int(v) for v in value)
+    else:
+        match = _SIZE_HW.match(str(value))
+        if match:
+            h, w = int(match.group(1)), int(match.group(2))
+        else:
+            try:
+                h = w = None
+                size = int(str(value).strip())
+            except ValueError:
+                raise MaskdistError(f"--image-size {value!r}: expected a shorter side in pixels (e.g. 256),"
+                                    f" an exact HxW (e.g. 224x224, the default {DEFAULT_IMAGE_SIZE}) or 'original'") from None
+            if size < 16:
+                raise MaskdistError(f"--image-size {size} is too small: use at least 16 (default {DEFAULT_IMAGE_SIZE})")
+            return size
+    if min(h, w) < 16:
+        raise MaskdistError(f"--image-size {h}x{w} is too small: use at least 16 on each side (default {DEFAULT_IMAGE_SIZE})")
+    return (h, w)
+
+
+def image_size_text(size: int | tuple[int, int] | None) -> int | str:
+    """How the manifest's ``build.image_size`` records a parsed size: 224, "224x224" or "original"."""
+    if size is None:
+        return "original"
+    if isinstance(size, tuple):
+        return f"{size[0]}x{size[1]}"
+    return int(size)
 
 
 def _shard_path(split: str, fold: int | None, cls: int | None, index: int) -> str:
@@ -214,10 +428,10 @@ class _ShardWriter:
 
 
 def _encode_task(task: tuple[str, int | None, int]) -> tuple[bool, object, object]:
-    """Worker: (path, short side, quality) -> (True, jpeg, (h, w)) or (False, reason, why)."""
-    path, short_side, quality = task
+    """Worker: (path, size, quality) -> (True, jpeg, (h, w)) or (False, reason, why)."""
+    path, size, quality = task
     try:
-        jpeg, shape = images.prepare_file(path, short_side, quality)
+        jpeg, shape = images.prepare_file(path, size, quality)
     except images.ImageError as err:
         return False, err.reason, str(err)
     except Exception as err:  # noqa: BLE001 (a decoder bug on one file must not stop the build)
@@ -327,7 +541,7 @@ def build_shards(
     age_cut: int = 58,
     fixes: str | os.PathLike | None = None,
     extra: Iterable[str | os.PathLike] = (),
-    image_size: int | str | None = DEFAULT_IMAGE_SIZE,
+    image_size: int | str | tuple[int, int] | None = DEFAULT_IMAGE_SIZE,
     quality: int = DEFAULT_QUALITY,
     shard_size: int = DEFAULT_SHARD_SIZE,
     workers: int = 1,
@@ -344,7 +558,7 @@ def build_shards(
 
     started = time.perf_counter()
     out = Path(out)
-    short_side = parse_image_size(image_size)
+    size = parse_image_size(image_size)
     _check_options(quality, shard_size, workers, age_cut, folds)
     extra = [str(e) for e in extra]
     if out.exists() and not overwrite:
@@ -377,7 +591,7 @@ def build_shards(
     try:
         from tqdm import tqdm
 
-        tasks = [(r["path"], short_side, int(quality)) for r in rows + eval_rows]
+        tasks = [(r["path"], size, int(quality)) for r in rows + eval_rows]
         bar = tqdm(total=len(tasks), unit="img", desc=f"shards {out.name}", disable=not progress, dynamic_ncols=True)
         results = _encoded(tasks, int(workers))
         with bar, contextlib.closing(results):
@@ -406,9 +620,9 @@ def build_shards(
         manifest = _manifest(entries, true_counts, shapes, eval_skipped_rows, dict(
             train_dir=str(Path(train_dir).resolve()), eval_dir=str(Path(eval_dir).resolve()) if eval_dir is not None else None,
             folds=int(folds), seed=int(seed), age_cut=int(age_cut),
-            image_size=short_side if short_side is not None else "original", quality=int(quality),
+            image_size=image_size_text(size), quality=int(quality),
             shard_size=int(shard_size), fixes=str(fixes) if fixes is not None else None, extra=extra,
-        ), short_side, int(quality))
+        ), size, int(quality))
         report.shards = len(entries)
         report.bytes = sum(e["bytes"] for e in entries)
         report.seconds = time.perf_counter() - started
@@ -429,7 +643,7 @@ def build_shards(
     return report
 
 
-def _manifest(entries, true_counts, shapes, eval_skipped_rows, build: dict, short_side, quality) -> dict:
+def _manifest(entries, true_counts, shapes, eval_skipped_rows, build: dict, size, quality) -> dict:
     from maskdist import __version__
 
     k = build["folds"]
@@ -447,7 +661,8 @@ def _manifest(entries, true_counts, shapes, eval_skipped_rows, build: dict, shor
     build = dict(build, maskdist_version=__version__)
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "build": build,
-        "image": {"format": IMAGE_EXT, "short_side": short_side, "quality": quality,
+        "image": {"format": IMAGE_EXT, "short_side": size if isinstance(size, int) else None,
+                  "size": list(size) if isinstance(size, tuple) else None, "quality": quality,
                   "shapes": dict(shapes.most_common(10))},
         "num_classes": labels.NUM_CLASSES, "folds": k, "age_cut": build["age_cut"],
         "shards": entries,
@@ -497,7 +712,12 @@ def describe_inspect(info: dict) -> str:
     lines.append(f"eval: {info['eval_samples']} samples in {info['eval_shards']} shards")
     lines.append(f"total: {info['shards']} shards, {info['train_samples'] + info['eval_samples']} samples, {_human(info['bytes'])}")
     image = info["image"]
-    size = f"shorter side {image['short_side']}" if image.get("short_side") else "original size"
+    if image.get("short_side"):
+        size = f"shorter side {image['short_side']}"
+    elif image.get("size"):
+        size = f"exactly {image['size'][0]}x{image['size'][1]} (aspect not kept)"
+    else:
+        size = "original size"
     shapes = ", ".join(f"{k} ({v})" for k, v in list(image.get("shapes", {}).items())[:3])
     lines.append(f"images: {image['format']} q{image.get('quality')}, {size}; most common HxW: {shapes}")
     build = info["build"]
@@ -614,7 +834,9 @@ def _verify_one(shard_set: ShardSet, entry: dict, quick: bool, result: VerifyRes
             if not quick:
                 try:
                     samples = _read_samples(reader, own)
-                except (tarfile.TarError, EOFError, OSError) as err:
+                except ShardFormatError as err:
+                    own.append(f"not a readable shard: {str(err).removeprefix(': ')}")
+                except OSError as err:
                     own.append(f"not a readable tar ({type(err).__name__}: {err}); truncated or corrupt, rebuild or re-copy it")
             reader.drain()
     except ShardReadError as err:
@@ -636,39 +858,38 @@ def _read_samples(reader: _HashingReader, own: list[str]) -> list[dict]:
     """Samples of a tar stream: [{key, jpg: (h, w) or None, json: dict or None}]."""
     samples: list[dict] = []
     current: dict | None = None
-    with tarfile.open(fileobj=reader, mode="r|") as tar:
-        for member in tar:
-            tar.members = []  # streaming: keep no TarInfo list (flat memory on big shards)
-            if not member.isfile():
-                own.append(f"member {member.name!r} is not a regular file")
-                continue
-            match = _KEY_EXT.match(member.name)
-            if not match:
-                own.append(f"member {member.name!r} has no key.extension name")
-                continue
-            key, ext = match.groups()
-            if ext not in ALLOWED_EXTS:
-                own.append(f"member {member.name!r}: unexpected field .{ext} (only .jpg and .json are allowed; not decoded)")
-                continue
-            data = tar.extractfile(member).read()
-            if current is None or current["key"] != key:
-                current = {"key": key, IMAGE_EXT: None, META_EXT: None}
-                samples.append(current)
-            if current[ext] is not None:
-                own.append(f"member {member.name!r} appears twice")
-                continue
-            if ext == IMAGE_EXT:
-                try:
-                    current[IMAGE_EXT] = images.check_jpeg(data)
-                except images.ImageError as err:
-                    own.append(f"{member.name}: image does not decode ({err})")
-                    current[IMAGE_EXT] = False
-            else:
-                try:
-                    current[META_EXT] = json.loads(data.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                    own.append(f"{member.name}: invalid JSON ({err})")
-                    current[META_EXT] = False
+    tar = TarReader(reader, "", seekable=False)  # the reader the stream uses: what passes here, it can read
+    for name, typeflag, _size in tar:
+        if typeflag not in REGULAR_TYPES:
+            own.append(f"member {name!r} is not a regular file")
+            continue
+        parts = split_key(name)
+        if parts is None:
+            own.append(f"member {name!r} has no key.extension name")
+            continue
+        key, ext = parts
+        if ext not in ALLOWED_EXTS:
+            own.append(f"member {name!r}: unexpected field .{ext} (only .jpg and .json are allowed; not decoded)")
+            continue
+        data = tar.read()
+        if current is None or current["key"] != key:
+            current = {"key": key, IMAGE_EXT: None, META_EXT: None}
+            samples.append(current)
+        if current[ext] is not None:
+            own.append(f"member {name!r} appears twice")
+            continue
+        if ext == IMAGE_EXT:
+            try:
+                current[IMAGE_EXT] = images.check_jpeg(data)
+            except images.ImageError as err:
+                own.append(f"{name}: image does not decode ({err})")
+                current[IMAGE_EXT] = False
+        else:
+            try:
+                current[META_EXT] = json.loads(data.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                own.append(f"{name}: invalid JSON ({err})")
+                current[META_EXT] = False
     return samples
 
 

@@ -51,8 +51,17 @@ Evaluation stream (:func:`eval_loader`)
     modulo; then the same again among the rank's workers. Partial last batches are kept, so
     ranks may yield different numbers of batches (``len(loader)`` says how many).
 
-Decoding reads only the ``.jpg`` and ``.json`` members of a shard; any other member (a
-``.pyd`` pickle, say) is skipped unread and never decoded.
+Reading and decoding
+    Shards are read with a small strict tar reader (:class:`maskdist.shards.TarReader`, one
+    512-byte header parse per member; 3-4x cheaper per sample than :mod:`tarfile`), which
+    reads only the ``.jpg`` and ``.json`` members; any other member (a ``.pyd`` pickle, say)
+    is skipped unread and never decoded, and a header that is not plain ustar/pax (bad
+    checksum, GNU extensions, links, truncation) raises :class:`ShardFormatError`. Images
+    are decoded and transformed straight into the batch tensor (in shared memory inside a
+    DataLoader worker, so passing it to the main process copies nothing); a stored image
+    that already has the transform's resize size (the default ``--image-size 224x224``
+    build) is not resized again. A transform that would enlarge the stored images gets a
+    warning when the loader is made (:func:`check_stored_size`).
 """
 from __future__ import annotations
 
@@ -61,8 +70,7 @@ import json
 import math
 import multiprocessing
 import random
-import re
-import tarfile
+import warnings
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -72,19 +80,19 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from maskdist import parallel
 from maskdist.errors import MaskdistError
 from maskdist.manifest import ShardSet, open_shard_set
+from maskdist.shards import (
+    DIRECTORY_TYPE,
+    REGULAR_TYPES,
+    ShardFormatError,
+    TarReader,
+    split_key,
+)
 from maskdist.transforms import Transform, build_transform
 
 IMAGE_EXT = "jpg"
 META_EXT = "json"
 _FIELDS = (IMAGE_EXT, META_EXT)
 DEFAULT_SHUFFLE_BUFFER = 1000
-# webdataset's key/extension split (as the shard writer uses it): extension after the first
-# dot of the last path component.
-_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
-
-
-class ShardFormatError(MaskdistError):
-    """A shard whose contents do not match the format (a sample without its image or json)."""
 
 
 # --- reading shards -----------------------------------------------------------------------
@@ -94,39 +102,42 @@ def read_shard(shard_set: ShardSet, relpath: str, start: int = 0, stop: int | No
     """Raw samples ``{"__key__", "__index__", "jpg", "json"}`` of one shard, in order.
 
     Yields the samples with index in ``[start, stop)``; earlier ones are read past without
-    keeping their bytes. Only ``.jpg`` and ``.json`` members are read; any other member is
-    skipped unread (tar streaming seeks/reads past it) and is never decoded.
+    keeping their bytes. Only ``.jpg`` and ``.json`` members are read; any other regular
+    member is skipped unread (seeked over in a local file, read through in a stream) and
+    never decoded; a link or device member, or anything the strict tar reader
+    (:class:`maskdist.shards.TarReader`) rejects, raises :class:`ShardFormatError`.
     """
     if stop is not None and stop <= start:
         return
-    with shard_set.open(relpath) as stream:
-        # A local file is seekable: members we skip (other extensions, samples before
-        # ``start``) are seeked over instead of read. Streams (http, pipe:) are read through.
-        seekable = getattr(stream, "seekable", lambda: False)()
-        tar = tarfile.open(fileobj=stream, mode="r:" if seekable else "r|*")
-        index, current = 0, None
-        for member in tar:
-            tar.members = []  # do not accumulate TarInfo objects (flat memory)
-            if not member.isreg():
+    with shard_set.open(relpath) as handle:
+        tar = TarReader(handle, relpath)
+        index, current, current_key = 0, None, None
+        for name, typeflag, _size in tar:
+            if typeflag not in REGULAR_TYPES:
+                if typeflag == DIRECTORY_TYPE:
+                    continue
+                raise ShardFormatError(f"{relpath}: member {name!r} is a link or device, not a file: shards hold"
+                                       " files only (check the set with `maskdist shards verify`)")
+            parts = split_key(name)
+            if parts is None:
                 continue
-            match = _KEY_EXT.match(member.name)
-            if match is None:
-                continue
-            key, ext = match.group(1), match.group(2).lower()
+            key, ext = parts
             if ext not in _FIELDS:
-                continue
-            if current is not None and key != current["__key__"]:
-                _check_sample(current, relpath)
-                if index >= start:
-                    yield current
-                index, current = index + 1, None
-                if stop is not None and index >= stop:
-                    return
-            if current is None:
-                current = {"__key__": key, "__index__": index}
+                ext = ext.lower()
+                if ext not in _FIELDS:
+                    continue
+            if key != current_key:
+                if current is not None:
+                    _check_sample(current, relpath)
+                    if index >= start:
+                        yield current
+                    index += 1
+                    if stop is not None and index >= stop:
+                        return
+                current, current_key = {"__key__": key, "__index__": index}, key
             if ext in current:
                 raise ShardFormatError(f"{relpath}: sample {key!r} has two .{ext} members")
-            current[ext] = tar.extractfile(member).read() if index >= start else None
+            current[ext] = tar.read() if index >= start else None
         if current is not None:
             _check_sample(current, relpath)
             if index >= start:
@@ -177,6 +188,27 @@ def _as_transform(transform: Transform | str | None) -> Transform:
     return transform
 
 
+def check_stored_size(shard_set: ShardSet, transform: Transform) -> list[str]:
+    """Stored image shapes (``"HxW"``, from the manifest) that the transform's resize would
+    enlarge; warns when there are any (the set was built smaller than the training needs)."""
+    target = transform.resize
+    if target is None:
+        return []
+    small = []
+    for text in (shard_set.manifest.get("image") or {}).get("shapes") or {}:
+        try:
+            h, w = (int(v) for v in str(text).split("x"))
+        except ValueError:
+            continue
+        if h < target[0] or w < target[1]:
+            small.append(str(text))
+    if small:
+        warnings.warn(f"{shard_set.location}: shard images of {', '.join(small[:3])} (HxW) are enlarged to the"
+                      f" transform's resize {target[0]}x{target[1]}: rebuild the set with `--image-size"
+                      f" {target[0]}x{target[1]}` (or larger) for full detail, or lower --resize", stacklevel=3)
+    return small
+
+
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
     return (info.id, info.num_workers) if info is not None else (0, 1)
@@ -194,13 +226,53 @@ def _check_split_args(batch_size: int, rank: int, world_size: int, workers: int)
 # --- the training stream -------------------------------------------------------------------
 
 
-def _class_stream(shard_set: ShardSet, shards: list[dict], rng: random.Random) -> Iterator[dict]:
+SMALL_SHARD_BYTES = 4 << 20  # a training shard up to this size is kept in memory once read ...
+SHARD_CACHE_BYTES = 64 << 20  # ... while the worker keeps at most this much
+
+
+class _ShardCache:
+    """Raw samples of small training shards, kept after their first read (one per process).
+
+    A rare class's shards hold a few samples each, and uniform class mixing reads them over
+    and over: reopening and re-parsing them cost more per sample than the decode of a big
+    class. Shards of at most ``SMALL_SHARD_BYTES`` (by the manifest) are read once and served
+    from memory, up to ``SHARD_CACHE_BYTES`` in all; the samples and their order are the same.
+    """
+
+    def __init__(self, budget: int = SHARD_CACHE_BYTES, small: int = SMALL_SHARD_BYTES):
+        self.budget, self.small, self.used = int(budget), int(small), 0
+        self.shards: dict[str, list[dict]] = {}
+
+    def get(self, shard_set: ShardSet, shard: dict) -> list[dict] | None:
+        path = shard["path"]
+        cached = self.shards.get(path)
+        if cached is not None:
+            return cached
+        size = int(shard.get("bytes") or 0)
+        if not 0 < size <= self.small or self.used + size > self.budget:
+            return None
+        samples = list(read_shard(shard_set, path))
+        if len(samples) != shard["samples"]:
+            raise ShardFormatError(f"{path}: the manifest lists {shard['samples']} samples, the shard holds {len(samples)}")
+        self.shards[path] = samples
+        self.used += size
+        return samples
+
+
+def _class_stream(shard_set: ShardSet, shards: list[dict], rng: random.Random,
+                  cache: _ShardCache | None = None) -> Iterator[dict]:
     """Infinite raw samples of one class: shards in a new random order on every pass, each
-    read from a random start sample round to the one before it."""
+    read from a random start sample round to the one before it (small shards from ``cache``)."""
     while True:
         got = 0
         for shard in rng.sample(shards, len(shards)):
             offset = rng.randrange(shard["samples"])
+            cached = cache.get(shard_set, shard) if cache is not None else None
+            if cached is not None:
+                got += len(cached)
+                yield from cached[offset:]
+                yield from cached[:offset]
+                continue
             for sample in read_shard(shard_set, shard["path"], start=offset):
                 got += 1
                 yield sample
@@ -241,12 +313,28 @@ def _shuffled(samples: Iterator[dict], size: int, rng: random.Random) -> Iterato
     yield from buffer
 
 
-def _decoded(sample: dict, transform: Transform) -> tuple[np.ndarray, dict]:
-    return transform.from_jpeg(sample[IMAGE_EXT]), json.loads(sample[META_EXT])
+def _uint8_batch(shape: tuple[int, ...]) -> torch.Tensor:
+    """An empty uint8 tensor; in a DataLoader worker it lives in shared memory from the start
+    (as torch's own collate does), so handing it to the main process copies nothing."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
 
 
-def _collate(images: list[np.ndarray], metas: list[dict], keys: list[str], fields: Sequence[str]) -> dict:
-    batch = {"image": torch.from_numpy(np.stack(images)), "key": keys}
+def _collate(samples: list[dict], transform: Transform, fields: Sequence[str]) -> dict:
+    """Decode and transform raw samples straight into one uint8 NCHW batch (no per-image array
+    and no stacking copy when the transform fixes the output size); labels from the json."""
+    size = transform.output_size
+    if size is None:  # decode only: images must share a size, which np.stack checks
+        images = torch.from_numpy(np.stack([transform.from_jpeg(s[IMAGE_EXT]) for s in samples]))
+    else:
+        images = _uint8_batch((len(samples), 3, *size))
+        slots = images.numpy()
+        for i, sample in enumerate(samples):
+            transform.from_jpeg(sample[IMAGE_EXT], out=slots[i])
+    batch = {"image": images, "key": [s["__key__"] for s in samples]}
+    metas = [json.loads(s[META_EXT]) for s in samples]
     for name in fields:
         batch[name] = torch.tensor([int(m[name]) for m in metas], dtype=torch.int64)
     return batch
@@ -285,9 +373,15 @@ class TrainStream(IterableDataset):
         self.steps = math.ceil(self.samples / (self.batch_size * self.world_size))
         self._epoch = multiprocessing.RawValue("q", -1)  # shared with (persistent) workers; one writer
         self._passes = 0  # per-process count of passes, used when set_epoch is never called
+        self._cache: _ShardCache | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch.value = int(epoch)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_cache"] = None  # each worker fills its own
+        return state
 
     def __len__(self) -> int:
         return self.steps
@@ -308,19 +402,14 @@ class TrainStream(IterableDataset):
         n_batches = self.worker_steps(worker, workers)
         if n_batches == 0:
             return
-        streams = {c: _class_stream(self.shard_set, shards, random.Random(derive_seed(seed, 2, c)))
+        if self._cache is None:  # made in the process that iterates (each worker its own)
+            self._cache = _ShardCache()
+        streams = {c: _class_stream(self.shard_set, shards, random.Random(derive_seed(seed, 2, c)), self._cache)
                    for c, shards in self.class_shards.items()}
         samples = _shuffled(_mixed(streams, self.probs, rng), self.shuffle_buffer, rng)
         try:
             for _ in range(n_batches):
-                images, metas, keys = [], [], []
-                for _ in range(self.batch_size):
-                    sample = next(samples)
-                    image, meta = _decoded(sample, self.transform)
-                    images.append(image)
-                    metas.append(meta)
-                    keys.append(sample["__key__"])
-                yield _collate(images, metas, keys, TRAIN_FIELDS)
+                yield _collate([next(samples) for _ in range(self.batch_size)], self.transform, TRAIN_FIELDS)
         finally:
             samples.close()
             for s in streams.values():
@@ -392,7 +481,7 @@ class EvalStream(IterableDataset):
             raise RuntimeError(f"EvalStream built for {self.workers} workers runs in {workers}")
         shards, modulus, residue = eval_plan(self.shards, self.rank, self.world_size, worker, workers)
         self.transform.set_seed(0)
-        images, metas, keys = [], [], []
+        pending: list[dict] = []
         index = 0
         for shard in shards:
             n = shard["samples"]
@@ -405,17 +494,14 @@ class EvalStream(IterableDataset):
                 index += 1
                 if not mine:
                     continue
-                image, meta = _decoded(sample, self.transform)
-                images.append(image)
-                metas.append(meta)
-                keys.append(sample["__key__"])
-                if len(images) == self.batch_size:
-                    yield _collate(images, metas, keys, self.fields)
-                    images, metas, keys = [], [], []
+                pending.append(sample)
+                if len(pending) == self.batch_size:
+                    yield _collate(pending, self.transform, self.fields)
+                    pending = []
             if index != end:  # the split is exact only if the manifest counts are
                 raise ShardFormatError(f"{shard['path']}: the manifest lists {n} samples, the shard holds a different number")
-        if images:
-            yield _collate(images, metas, keys, self.fields)
+        if pending:
+            yield _collate(pending, self.transform, self.fields)
 
 
 # --- loaders --------------------------------------------------------------------------------
@@ -481,8 +567,9 @@ def train_loader(shard_set: ShardSet | str, folds: Iterable[int] | None, batch_s
     Call ``loader.set_epoch(epoch)`` before each epoch.
     """
     _check_split_args(batch_size, rank, world_size, workers)
-    dataset = TrainStream(_as_shard_set(shard_set), folds, batch_size, rank, world_size, seed, alpha,
-                          _as_transform(transform), shuffle_buffer, extra=extra)
+    shard_set, transform = _as_shard_set(shard_set), _as_transform(transform)
+    check_stored_size(shard_set, transform)
+    dataset = TrainStream(shard_set, folds, batch_size, rank, world_size, seed, alpha, transform, shuffle_buffer, extra=extra)
     loader = StreamLoader(dataset, workers, pin_memory, prefetch_factor, multiprocessing_context)
     return loader, dataset.steps
 
@@ -510,7 +597,8 @@ def eval_loader(shard_set: ShardSet | str, fold: int | str, batch_size: int, ran
     exactly once across ranks and workers; ``len(loader)`` is this rank's batch count and
     ``loader.dataset.samples`` its sample count (they differ between ranks)."""
     _check_split_args(batch_size, rank, world_size, workers)
-    shard_set = _as_shard_set(shard_set)
+    shard_set, transform = _as_shard_set(shard_set), _as_transform(transform)
+    check_stored_size(shard_set, transform)
     shards, fields = eval_shards(shard_set, fold)
-    dataset = EvalStream(shard_set, shards, fields, batch_size, rank, world_size, _as_transform(transform), workers)
+    dataset = EvalStream(shard_set, shards, fields, batch_size, rank, world_size, transform, workers)
     return StreamLoader(dataset, workers, pin_memory, prefetch_factor, multiprocessing_context)

@@ -135,18 +135,27 @@ class Transform:
             rgb = self.pipeline(image=rgb)["image"]
         return np.ascontiguousarray(rgb.transpose(2, 0, 1))
 
-    def from_jpeg(self, data: bytes) -> np.ndarray:
+    def from_jpeg(self, data: bytes, out: np.ndarray | None = None) -> np.ndarray:
         """JPEG bytes -> uint8 RGB CHW: decode (reduced where possible) and transform.
 
         ``recipe`` and ``none`` are pure geometry, so they take a fast path with the same
         pixels as the albumentations pipeline (same cv2 calls and crop offsets, checked by
         the tests) without its per-call overhead, and stay in OpenCV's BGR order until the
-        final CHW copy reverses the channels (no separate colour conversion).
+        final CHW copy reverses the channels (no separate colour conversion). A decoded image
+        that already has the resize size (a shard set built with ``--image-size HxW`` equal to
+        it) is not resized: a same-size ``cv2.resize`` is an exact copy.
+
+        ``out``: a uint8 ``(3, h, w)`` array to write the result into (a slot of a batch), which
+        saves a copy; it is returned.
         """
         if self.preset == "light":
-            return self(decode_jpeg(data, self.decode_target))
+            chw = self(decode_jpeg(data, self.decode_target))
+            if out is None:
+                return chw
+            out[...] = chw
+            return out
         image = decode_jpeg(data, self.decode_target, rgb=False)
-        if self.resize is not None:
+        if self.resize is not None and image.shape[:2] != self.resize:
             image = cv2.resize(image, (self.resize[1], self.resize[0]), interpolation=cv2.INTER_LINEAR)
         if self.crop is not None:
             (h, w), (ch, cw) = image.shape[:2], self.crop
@@ -154,7 +163,14 @@ class Transform:
                 raise ValueError(f"centre crop {ch}x{cw} is larger than the image {h}x{w}")
             y, x = (h - ch) // 2, (w - cw) // 2
             image = image[y:y + ch, x:x + cw]
-        return np.ascontiguousarray(image.transpose(2, 0, 1)[::-1])
+        chw = image.transpose(2, 0, 1)[::-1]
+        if out is None:
+            return np.ascontiguousarray(chw)
+        if out.shape != chw.shape:
+            raise ValueError(f"image {chw.shape[1]}x{chw.shape[2]} does not fit the batch slot {out.shape[1]}x{out.shape[2]}:"
+                             " without a resize or crop all shard images must share one size")
+        out[...] = chw
+        return out
 
 
 def _pair(value: int | Sequence[int] | None) -> tuple[int, int] | None:

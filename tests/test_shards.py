@@ -184,7 +184,7 @@ def test_bad_images_skipped_and_odd_modes_written_as_rgb(built, odd_data):
         data = written[f"images/{odd_data['odd']}/{name}"]
         with Image.open(io.BytesIO(data)) as im:
             assert (im.format, im.mode) == ("JPEG", "RGB")
-            assert min(im.size) == 256
+            assert im.size == (224, 224)  # the default: exactly the recipe's Resize((224, 224))
     assert not any(f"images/{odd_data['bad']}/mask{i}.jpg" in written for i in (1, 2, 3))
 
 
@@ -229,7 +229,12 @@ def test_cli_build_refuses_overwrite_and_prints_summary(odd_data, tmp_path):
     assert (out / "manifest.json").read_bytes() == first
     result = runner.invoke(main, args[:-2] + ["--overwrite"])
     assert result.exit_code == 0, result.output
-    assert json.loads((out / "manifest.json").read_text())["image"]["short_side"] == 256
+    cli_default = next(p.default for p in main.commands["shards"].commands["build"].params if p.name == "image_size")
+    size = shards_api.parse_image_size(cli_default)  # the CLI's default, whatever it is, is what gets recorded
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["build"]["image_size"] == shards_api.image_size_text(size)
+    assert (manifest["image"]["short_side"], manifest["image"]["size"]) == \
+        ((size, None) if isinstance(size, int) else (None, list(size)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]  # no temp or old folders left
 
 
@@ -278,9 +283,10 @@ def test_inspect_json_matches_manifest(built):
     assert info["eval_samples"] == manifest["totals"]["eval"]
     assert info["shards"] == len(manifest["shards"])
     assert info["bytes"] == sum(s["bytes"] for s in manifest["shards"])
-    assert info["image"]["short_side"] == 256 and info["build"]["folds"] == 3
+    assert info["image"]["size"] == [224, 224] and info["image"]["short_side"] is None and info["build"]["folds"] == 3
+    assert info["build"]["image_size"] == shards_api.DEFAULT_IMAGE_SIZE == "224x224"
     text = CliRunner().invoke(main, ["shards", "inspect", str(built)]).output
-    assert "extra" in text and "eval:" in text and "shorter side 256" in text
+    assert "extra" in text and "eval:" in text and "exactly 224x224" in text
 
 
 def test_verify_ok(built):
@@ -430,7 +436,140 @@ def test_image_checks():
     with pytest.raises(images.ImageError) as err:
         images.decode_rgb(b"")
     assert err.value.reason == "empty"
-    data, shape = images.prepare(jpeg, short_side=100)
+    data, shape = images.prepare(jpeg, size=100)
     assert shape == (150, 100) and images.check_jpeg(data) == (150, 100)
-    assert images.prepare(jpeg, short_side=512)[1] == (300, 200)  # never enlarged
-    assert images.prepare(jpeg, short_side=None)[1] == (300, 200)
+    assert images.prepare(jpeg, size=512)[1] == (300, 200)  # a shorter side is never enlarged
+    assert images.prepare(jpeg, size=None)[1] == (300, 200)
+    data, shape = images.prepare(jpeg, size=(120, 100))  # an exact size: aspect not kept
+    assert shape == (120, 100) and images.check_jpeg(data) == (120, 100)
+    assert images.prepare(jpeg, size=(400, 150))[1] == (400, 150)  # exact means exact, even if one side grows
+    assert images.prepare(jpeg)[1] == (224, 224)
+
+
+# --- image size option ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("224", 224), (256, 256), ("224x224", (224, 224)), (" 128 X 96 ", (128, 96)), ((64, 48), (64, 48)),
+    ("original", None), (None, None),
+])
+def test_parse_image_size(value, expected):
+    assert shards_api.parse_image_size(value) == expected
+    text = shards_api.image_size_text(expected)
+    assert shards_api.parse_image_size(text) == expected  # what the manifest records reads back
+
+
+@pytest.mark.parametrize("value", ["huge", "8", "224x8", "224x", "x224", "-5"])
+def test_parse_image_size_refuses(value):
+    with pytest.raises(MaskdistError, match="--image-size"):
+        shards_api.parse_image_size(value)
+
+
+def test_build_at_short_side_and_exact_size(odd_data, tmp_path):
+    short, exact = tmp_path / "short", tmp_path / "exact"
+    _build(odd_data, short, image_size=48)
+    _build(odd_data, exact, image_size="40x32")
+    m_short = json.loads((short / "manifest.json").read_text())
+    m_exact = json.loads((exact / "manifest.json").read_text())
+    n = m_exact["totals"]["eval"] + sum(map(sum, m_exact["totals"]["train"].values()))
+    assert (m_short["image"]["short_side"], m_short["image"]["size"], m_short["build"]["image_size"]) == (48, None, 48)
+    assert all(min(int(v) for v in k.split("x")) == 48 for k in m_short["image"]["shapes"])
+    assert (m_exact["image"]["short_side"], m_exact["image"]["size"], m_exact["build"]["image_size"]) == (None, [40, 32], "40x32")
+    assert m_exact["image"]["shapes"] == {"40x32": n}
+    text = CliRunner().invoke(main, ["shards", "inspect", str(exact)]).output
+    assert "exactly 40x32" in text
+    assert CliRunner().invoke(main, ["shards", "verify", str(exact), "--quiet"]).exit_code == 0
+
+
+# --- the tar reader the stream and verify share ------------------------------------------------
+
+
+def _tar_bytes(members, fmt=tarfile.PAX_FORMAT) -> bytes:
+    """members: (name, data) for files, (name, None, type) for other member types."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for member in members:
+            info = tarfile.TarInfo(member[0])
+            if member[1] is None:
+                info.type = member[2]
+                if info.type == tarfile.SYMTYPE:
+                    info.linkname = "elsewhere"
+                tar.addfile(info)
+            else:
+                info.size = len(member[1])
+                tar.addfile(info, io.BytesIO(member[1]))
+    return buf.getvalue()
+
+
+def _read_members(data: bytes, seekable: bool = True) -> list[tuple[str, bytes, bytes | None]]:
+    stream = io.BytesIO(data) if seekable else io.BufferedReader(_Unseekable(data))
+    tar = shards_api.TarReader(stream, "s.tar")
+    return [(name, typeflag, tar.read() if typeflag in shards_api.REGULAR_TYPES and not name.endswith(".skip") else None)
+            for name, typeflag, _ in tar]
+
+
+class _Unseekable(io.RawIOBase):
+    """A pipe-like stream that returns at most 700 bytes per read."""
+
+    def __init__(self, data: bytes):
+        self.data, self.pos = data, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), 700, len(self.data) - self.pos)
+        buffer[:n] = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+
+@pytest.mark.parametrize("seekable", [True, False])
+def test_tar_reader_matches_tarfile(seekable):
+    long_name = "p" * 120 + "_Ünïcode/mask1"  # a pax header carries the path
+    members = [("a/k1.jpg", b"\xff\xd8" + bytes(range(256)) * 3), ("a/k1.json", b'{"label": 3}'),
+               ("a/k1.skip", b"x" * 5000), (f"{long_name}.jpg", b""), (f"{long_name}.json", b"{}"),
+               ("dir", None, tarfile.DIRTYPE), ("b/k2.jpg", b"y" * 512)]
+    data = _tar_bytes(members)
+    got = [(name.rstrip("/"), typeflag, content) for name, typeflag, content in _read_members(data, seekable)]
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        want = [(m.name, m.type, tar.extractfile(m).read() if m.isreg() and not m.name.endswith(".skip") else None)
+                for m in tar]
+    assert got == want
+    assert [g[0] for g in got] == [m[0] for m in members]
+    assert shards_api.split_key(f"{long_name}.jpg") == (long_name, "jpg")
+    assert shards_api.split_key("a/b.c/key.tar.gz") == ("a/b.c/key", "tar.gz")
+    assert shards_api.split_key("a/.hidden") is None and shards_api.split_key("noext") is None
+
+
+@pytest.mark.parametrize("seekable", [True, False])
+def test_tar_reader_refuses_odd_tars(seekable):
+    good = _tar_bytes([("k.jpg", b"z" * 1000), ("k.json", b"{}")])
+
+    def refused(data: bytes, match: str) -> None:
+        with pytest.raises(shards_api.ShardFormatError, match=match):
+            _read_members(data, seekable)
+
+    refused(good[:512 + 1024 + 512], "truncated|end-of-archive")  # cut after the first member
+    refused(good[:700], "truncated")  # cut inside the first member's data
+    refused(good[:512 + 1024], "end-of-archive")  # cut at a member boundary
+    damaged = bytearray(good)
+    damaged[10] ^= 0xFF  # inside the first name: the checksum no longer matches
+    refused(bytes(damaged), "checksum")
+    refused(b"GIF89a" + bytes(2000), "ustar")
+    refused(_tar_bytes([("x" * 150 + ".jpg", b"1")], fmt=tarfile.GNU_FORMAT), "GNU long name")
+    assert shards_api.ShardFormatError.__mro__[1] is MaskdistError
+
+
+def test_verify_flags_what_the_stream_cannot_read(built, tmp_path):
+    root = _copy_set(built, tmp_path)
+    shard = json.loads((root / "manifest.json").read_text())["shards"][0]["path"]
+    with tarfile.open(root / shard) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar]
+    # GNU format with a long name: tarfile reads it, the shard reader (and so the stream) does not
+    renamed = [(f"{'q' * 110}{i}/{n.split('/', 1)[1]}", d) for i, (n, d) in enumerate(members)]
+    (root / shard).write_bytes(_tar_bytes(renamed, fmt=tarfile.GNU_FORMAT))
+    result = CliRunner().invoke(main, ["shards", "verify", str(root), "--quiet"])
+    assert result.exit_code == 1
+    assert any(line.startswith(f"{shard}: not a readable shard") and "GNU long name" in line
+               for line in result.output.splitlines()), result.output

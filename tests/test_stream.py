@@ -370,3 +370,113 @@ print(sum(len(b["key"]) for b in loader), cv2.getNumThreads())
     assert rc == 0, log.read_text()[-3000:]
     n = open_shard_set(tiny[0]).samples("train", [0], extra=False)
     assert log.read_text().split()[-2:] == [str(n), "2"]
+
+
+# --- reading: the strict tar reader, batches written in place ---------------------------------
+
+
+def _odd_shard(path: Path, members: list[tuple]) -> None:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data, *kind in members:
+            info = tarfile.TarInfo(name)
+            if kind:
+                info.type = kind[0]
+                info.linkname = "k0.jpg" if kind[0] == tarfile.SYMTYPE else ""
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_read_shard_skips_folders_and_refuses_links_and_truncation(tiny, tmp_path):
+    rng = np.random.default_rng(1)
+    root = write_tiny_set(tmp_path / "set", tmp_path / "PWNED")
+    shard_set = open_shard_set(root)
+    jpg, meta = _jpeg(rng), json.dumps({"label": 1, "label_true": 1}).encode()
+    _odd_shard(root / "folder.tar", [("p", None, tarfile.DIRTYPE), ("p/k0.jpg", jpg), ("p/k0.json", meta),
+                                     ("p/k0.txt", b"note"), ("p/k1.JPG", jpg), ("p/k1.json", meta)])
+    samples = list(stream.read_shard(shard_set, "folder.tar"))
+    assert [(s["__key__"], s["__index__"], s["jpg"], s["json"]) for s in samples] == \
+        [("p/k0", 0, jpg, meta), ("p/k1", 1, jpg, meta)]
+    assert [s["__key__"] for s in stream.read_shard(shard_set, "folder.tar", start=1)] == ["p/k1"]
+    _odd_shard(root / "link.tar", [("k0.jpg", jpg), ("k0.json", meta), ("k1.jpg", None, tarfile.SYMTYPE)])
+    with pytest.raises(stream.ShardFormatError, match="link or device"):
+        list(stream.read_shard(shard_set, "link.tar"))
+    whole = (root / "folder.tar").read_bytes()
+    (root / "cut.tar").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(stream.ShardFormatError, match="cut.tar: .*truncated"):
+        list(stream.read_shard(shard_set, "cut.tar"))
+    # a shard cut short makes the loaders fail loudly, not yield less
+    first = shard_set.shards("eval")[0]["path"]
+    data = (root / first).read_bytes()
+    (root / first).write_bytes(data[:len(data) // 3])  # (the last part of a tar can be padding)
+    with pytest.raises(stream.ShardFormatError):
+        list(stream.eval_loader(shard_set, "eval", 4, workers=0, transform=None))
+
+
+def test_worker_batches_equal_in_process_batches(tiny):
+    shard_set = open_shard_set(tiny[0])
+    transform = __import__("maskdist.transforms", fromlist=["x"]).build_transform("none", resize=(20, 24), crop=(16, 16))
+
+    def by_key(workers):
+        loader = stream.eval_loader(shard_set, "eval", 4, workers=workers, transform=transform)
+        out = {k: (img.numpy().copy(), row) for b in loader for k, img, row in zip(b["key"], b["image"], b["row"].tolist())}
+        loader.close()
+        return out
+
+    here, there = by_key(0), by_key(2)
+    assert sorted(here) == sorted(there) and len(here) == EVAL_SAMPLES
+    for key, (img, row) in here.items():
+        assert img.shape == (3, 16, 16) and img.dtype == np.uint8
+        np.testing.assert_array_equal(img, there[key][0])
+        assert row == there[key][1] == int(key.split("/")[1])
+    # decode only (no fixed output size): images of one size are stacked
+    loader = stream.eval_loader(shard_set, 0, 5, workers=0, transform=None)
+    assert tuple(next(iter(loader))["image"].shape) == (5, 3, 12, 16)
+
+
+def test_enlarging_stored_images_warns(tiny):
+    import copy
+
+    shard_set = copy.deepcopy(open_shard_set(tiny[0]))
+    shard_set.manifest["image"]["shapes"] = {"12x16": 99}
+    with pytest.warns(UserWarning, match=r"12x16 \(HxW\) are enlarged .*--image-size 224x224"):
+        stream.eval_loader(shard_set, 0, 4, workers=0, transform="none")
+    from maskdist import transforms
+
+    assert stream.check_stored_size(shard_set, transforms.build_transform("none", resize=(12, 16), crop=8)) == []
+    assert stream.check_stored_size(shard_set, transforms.build_transform("none", resize=None, crop=8)) == []
+    with pytest.warns(UserWarning, match="12x17"):
+        assert stream.check_stored_size(shard_set, transforms.build_transform("none", resize=(12, 17), crop=8)) == ["12x16"]
+
+
+def test_small_shard_cache_changes_nothing_but_the_reads(tiny, monkeypatch):
+    shard_set = open_shard_set(tiny[0])
+
+    def keys(cache):
+        loader, _ = stream.train_loader(shard_set, [0, 1], 4, workers=0, seed=7, transform=None, shuffle_buffer=5)
+        loader.dataset._cache = cache
+        out = []
+        for epoch in range(3):
+            loader.set_epoch(epoch)
+            out.append([k for b in loader for k in b["key"]])
+        return out, loader.dataset._cache
+
+    reads = Counter()
+    real = stream.read_shard
+
+    def counting(shard_set, relpath, start=0, stop=None):
+        reads[relpath] += 1
+        return real(shard_set, relpath, start, stop)
+
+    monkeypatch.setattr(stream, "read_shard", counting)
+    plain, _ = keys(stream._ShardCache(budget=0))
+    uncached_reads = sum(reads.values())
+    reads.clear()
+    cached, cache = keys(None)  # the default: a cache made on first iteration
+    assert cached == plain
+    assert cache.used > 0 and set(cache.shards) == set(reads) and all(n == 1 for n in reads.values())
+    assert sum(reads.values()) < uncached_reads
+    budget = sorted(s["bytes"] for s in shard_set.shards("train", [0, 1]))[2]
+    limited, cache = keys(stream._ShardCache(budget=budget))
+    assert limited == plain and 0 < cache.used <= budget

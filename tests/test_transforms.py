@@ -65,14 +65,42 @@ def test_presets_give_uint8_chw_of_the_crop_size(preset):
         assert out.dtype == np.uint8 and out.shape == (3, 150, 150) and out.flags["C_CONTIGUOUS"]
 
 
-@pytest.mark.parametrize("stored,resize,crop", [((341, 256), 224, 150), ((512, 384), (120, 100), 64),
+@pytest.mark.parametrize("stored,resize,crop", [((341, 256), 224, 150), ((299, 224), 224, 150), ((224, 224), 224, 150),
+                                                ((512, 384), (120, 100), 64), ((120, 100), (120, 100), 64),
                                                 ((512, 384), 224, None), ((40, 30), None, (20, 10)),
                                                 ((40, 30), None, None)])
 @pytest.mark.parametrize("preset", ["recipe", "none"])
 def test_fast_path_equals_the_albumentations_pipeline(preset, stored, resize, crop):
     t = transforms.build_transform(preset, resize=resize, crop=crop)
     data, _ = _jpeg(*stored)
-    np.testing.assert_array_equal(t.from_jpeg(data), t(transforms.decode_jpeg(data, t.decode_target)))
+    expected = t(transforms.decode_jpeg(data, t.decode_target))
+    np.testing.assert_array_equal(t.from_jpeg(data), expected)
+    # written into a batch slot: the same pixels
+    slot = np.full((2, *expected.shape), 7, np.uint8)
+    assert np.shares_memory(t.from_jpeg(data, out=slot[1]), slot[1])
+    np.testing.assert_array_equal(slot[1], expected)
+    assert (slot[0] == 7).all()
+
+
+def test_a_same_size_resize_is_an_exact_copy():
+    # why from_jpeg may skip the resize of an image stored at the resize size
+    _, rgb = _jpeg(224, 224)
+    for interpolation in (cv2.INTER_LINEAR, cv2.INTER_AREA):
+        np.testing.assert_array_equal(cv2.resize(rgb, (224, 224), interpolation=interpolation), rgb)
+    t = transforms.build_transform("light", resize=224, crop=150)
+    t.set_seed(3)
+    data, _ = _jpeg(224, 224)
+    slot = np.zeros((3, 150, 150), np.uint8)
+    t.from_jpeg(data, out=slot)
+    t.set_seed(3)
+    np.testing.assert_array_equal(slot, t.from_jpeg(data))
+
+
+def test_a_slot_of_the_wrong_size_is_refused():
+    t = transforms.build_transform("none", resize=None, crop=None)
+    data, _ = _jpeg(40, 30)
+    with pytest.raises(ValueError, match="batch slot"):
+        t.from_jpeg(data, out=np.zeros((3, 30, 40), np.uint8))
 
 
 def test_sizes_are_configurable_and_eval_matches_recipe_geometry():
