@@ -269,7 +269,9 @@ def shards():
 @click.option("--age-cut", type=int, default=58, show_default=True, help="Old-age cut of the training labels (the metric uses 60).")
 @click.option("--fixes", default=None, help="Label-fix CSV; 'published' for the fixes shipped with maskdist.")
 @click.option("--extra", multiple=True, type=click.Path(path_type=Path), help="Extra labelled image CSV (repeatable); training only.")
-@click.option("--image-size", default="256", show_default=True, help="Shorter side in pixels after resizing (INTER_AREA, never enlarged), or 'original'.")
+@click.option("--image-size", default="224x224", show_default=True,
+              help="Stored image size: HxW exactly (aspect not kept; the default is the recipe's Resize(224, 224)), "
+                   "N for a shorter side of N (aspect kept, never enlarged), or 'original'.")
 @click.option("--quality", type=int, default=95, show_default=True, help="JPEG quality of the re-encoded images.")
 @click.option("--shard-size", type=int, default=2000, show_default=True, help="Most samples per shard.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Processes decoding and encoding images.")
