@@ -15,6 +15,8 @@ marker is refused explicitly as well, since libjpeg only warns about it.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import io
 from pathlib import Path
 
@@ -55,28 +57,56 @@ def check_jpeg_complete(data: bytes) -> None:
         raise ImageError("truncated", "JPEG has no end-of-image marker (file cut short)")
 
 
+@dataclass(frozen=True)
+class JpegFrame:
+    """What a JPEG's headers say, read without decoding."""
+
+    height: int
+    width: int
+    components: int
+    adobe: bool  # an APP14 "Adobe" colour-transform marker precedes the frame
+
+
+# Start-of-frame markers (baseline, progressive, lossless, arithmetic): not DHT, JPG or DAC.
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_frame(data: bytes) -> JpegFrame | None:
+    """The frame header of a JPEG (walking the marker segments), or None if there is none."""
+    if data[:2] != JPEG_SOI:
+        return None
+    pos, end, adobe = 2, len(data), False
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+            continue
+        if marker == 0xEE:
+            adobe = True
+        if marker in _SOF_MARKERS:
+            if pos + 10 > end:
+                return None
+            height = int.from_bytes(data[pos + 5:pos + 7], "big")
+            width = int.from_bytes(data[pos + 7:pos + 9], "big")
+            return JpegFrame(height, width, data[pos + 9], adobe)
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return None
+
+
 def _plain_ycc_jpeg(data: bytes) -> bool:
     """True for a 3-component JPEG without an Adobe (APP14) colour transform marker.
 
     Those decode the same in OpenCV and PIL; CMYK/YCCK, grayscale and Adobe files go to PIL.
     """
-    pos, end = 2, len(data)
-    while pos + 4 <= end:
-        if data[pos] != 0xFF:
-            return False
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        length = int.from_bytes(data[pos + 2:pos + 4], "big")
-        if marker == 0xEE:  # APP14 "Adobe": colour transform flags PIL handles better
-            return False
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return pos + 9 < end and data[pos + 9] == 3
-        if marker == 0xDA:  # start of scan before any frame header
-            return False
-        pos += 2 + length
-    return False
+    frame = jpeg_frame(data)
+    return frame is not None and frame.components == 3 and not frame.adobe
 
 
 def decode_rgb(data: bytes) -> np.ndarray:

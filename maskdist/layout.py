@@ -119,6 +119,15 @@ def _require_dir(path: Path, what: str) -> None:
         raise MaskdistError(f"{path} not found: {what}")
 
 
+def _open_folder(root: Path, kind: str, csv_name: str, columns) -> tuple[pd.DataFrame, Path, LayoutReport]:
+    """The CSV, the images/ folder and an empty report of a competition train or eval folder."""
+    _require_dir(root, f"pass the competition {kind} folder (the one holding {csv_name} and images/)")
+    csv = _read_csv(root / csv_name, columns, f"the {kind} folder")
+    images = root / "images"
+    _require_dir(images, f"the {kind} folder {root} must hold an images/ folder")
+    return csv, images, LayoutReport(root=str(root))
+
+
 def _is_hidden(name: str) -> bool:
     # macOS resource forks ("._x.jpg"), ".DS_Store", ".ipynb_checkpoints" and the like.
     return name.startswith(".")
@@ -172,11 +181,7 @@ def read_train(
     Columns: ``TABLE_COLUMNS``; ``label`` uses the metric's age cut (60).
     """
     root = Path(train_dir)
-    _require_dir(root, "pass the competition train folder (the one holding train.csv and images/)")
-    csv = _read_csv(root / "train.csv", TRAIN_COLUMNS, "the train folder")
-    images = root / "images"
-    _require_dir(images, f"the train folder {root} must hold an images/ folder with one folder per person")
-    report = LayoutReport(root=str(root))
+    csv, images, report = _open_folder(root, "train", "train.csv", TRAIN_COLUMNS)
 
     rows = []
     listed: set[str] = set()
@@ -359,11 +364,7 @@ def training_labels(table: pd.DataFrame, age_cut: int) -> pd.Series:
 def read_eval(eval_dir: str | os.PathLike) -> tuple[pd.DataFrame, LayoutReport]:
     """The eval images in info.csv order, and the report of what is missing or extra."""
     root = Path(eval_dir)
-    _require_dir(root, "pass the competition eval folder (the one holding info.csv and images/)")
-    csv = _read_csv(root / "info.csv", EVAL_COLUMNS, "the eval folder")
-    images = root / "images"
-    _require_dir(images, f"the eval folder {root} must hold an images/ folder")
-    report = LayoutReport(root=str(root))
+    csv, images, report = _open_folder(root, "eval", "info.csv", EVAL_COLUMNS)
     on_disk = {entry.name for entry in os.scandir(images)}
     rows = []
     seen: set[str] = set()

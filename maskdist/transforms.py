@@ -27,6 +27,8 @@ import cv2
 import numpy as np
 import torch
 
+from maskdist.images import jpeg_frame
+
 PRESETS = ("recipe", "light", "none")
 DEFAULT_RESIZE = 224
 DEFAULT_CROP = 150
@@ -37,7 +39,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
-_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
 class DecodeError(Exception):
@@ -46,28 +47,8 @@ class DecodeError(Exception):
 
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(height, width) from a JPEG's frame header without decoding; None if not found."""
-    if data[:2] != b"\xff\xd8":
-        return None
-    i, n = 2, len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-            i += 2
-            continue
-        length = (data[i + 2] << 8) | data[i + 3]
-        if marker in _SOF_MARKERS:
-            if i + 9 > n:
-                return None
-            return (data[i + 5] << 8) | data[i + 6], (data[i + 7] << 8) | data[i + 8]
-        if marker == 0xDA:  # start of scan before any frame header
-            return None
-        i += 2 + length
-    return None
+    frame = jpeg_frame(data)
+    return None if frame is None else (frame.height, frame.width)
 
 
 def reduction_factor(stored: tuple[int, int] | None, target: tuple[int, int] | None) -> int:
