@@ -143,3 +143,27 @@ def test_multi_gpu_launcher_without_cuda_is_refused(small_shards, tmp_path):
     cmd = accelerate_cmd(2, *_train_args(small_shards, tmp_path / "r", 0, 1))
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode != 0 and "ACCELERATE_USE_CPU=1" in result.stderr
+
+
+def test_two_machines_on_one_host(small_shards, tmp_path):
+    """--num_machines 2 with one process each: one launch per machine rank, as on a cluster."""
+    port = str(__import__("conftest").free_port())
+    out = tmp_path / "runs"
+    procs = []
+    for machine in (0, 1):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
+               "--machine_rank", str(machine), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "maskdist",
+               *_train_args(small_shards, out, 2, 1, "--max-steps", "3")]
+        procs.append(subprocess.Popen(cmd, env=launch_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=300)[0])
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    assert "2 process(es)" in outputs[0]
+    oof = pd.read_csv(out / "fold2" / "oof.csv")
+    assert oof["key"].is_unique and len(oof) == open_shard_set(small_shards).samples("train", [2], extra=False)
