@@ -211,7 +211,7 @@ def bench_loader(shards: str | Path | ShardSet, workers: int = 2, samples: int =
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=w)
         batches = iter(loader)
         baseline_runs.append(_measure("folder baseline (PIL, torchvision)", w, samples, batches,
-                                      lambda: [p.pid for p in getattr(batches, "_workers", [])], shard_set.num_classes))
+                                      lambda it=batches: [p.pid for p in getattr(it, "_workers", [])], shard_set.num_classes))
         del batches, loader
 
     with_size = next(iter(_image_size(paths[:1])), None)

@@ -40,7 +40,8 @@ class KFoldPlan:
     env: dict = field(default_factory=dict)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a launch's rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -52,7 +53,7 @@ def launch_command(plan: KFoldPlan, processes: int, module_args: Sequence[str]) 
     if plan.accelerate_config:
         cmd += ["--config_file", plan.accelerate_config]
     if processes > 1:
-        cmd += ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--main_process_port", str(_free_port())]
+        cmd += ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--main_process_port", str(free_port())]
     else:
         cmd += ["--num_processes", "1", "--num_machines", "1"] + (["--cpu"] if plan.cpu else [])
     if not plan.accelerate_config:

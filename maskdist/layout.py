@@ -96,7 +96,7 @@ class LayoutReport:
         return "\n".join(lines)
 
 
-def _read_csv(path: Path, required: Iterable[str], what: str) -> pd.DataFrame:
+def read_csv(path: Path, required: Iterable[str], what: str) -> pd.DataFrame:
     """A CSV as strings, or a one-line error naming the file and the columns expected."""
     required = tuple(required)
     if not path.is_file():
@@ -122,7 +122,7 @@ def _require_dir(path: Path, what: str) -> None:
 def _open_folder(root: Path, kind: str, csv_name: str, columns) -> tuple[pd.DataFrame, Path, LayoutReport]:
     """The CSV, the images/ folder and an empty report of a competition train or eval folder."""
     _require_dir(root, f"pass the competition {kind} folder (the one holding {csv_name} and images/)")
-    csv = _read_csv(root / csv_name, columns, f"the {kind} folder")
+    csv = read_csv(root / csv_name, columns, f"the {kind} folder")
     images = root / "images"
     _require_dir(images, f"the {kind} folder {root} must hold an images/ folder")
     return csv, images, LayoutReport(root=str(root))
@@ -249,7 +249,7 @@ def apply_fixes(table: pd.DataFrame, fixes_csv: Path, report: LayoutReport) -> p
     ``swap_incorrect_normal`` (``1`` when the ``incorrect_mask`` and ``normal`` images are
     swapped). Empty cells leave that part alone.
     """
-    fixes = _read_csv(fixes_csv, ("person",), "the label-fix file")
+    fixes = read_csv(fixes_csv, ("person",), "the label-fix file")
     table = table.copy()
     for index, fix in fixes.iterrows():
         where = f"{fixes_csv.name} line {index + 2}"
@@ -311,7 +311,7 @@ def read_extra(extra_csv: str | os.PathLike, report: LayoutReport) -> pd.DataFra
     ``age = UNKNOWN_AGE``.
     """
     extra_csv = Path(extra_csv)
-    frame = _read_csv(extra_csv, ("path",), "an extra-data CSV")
+    frame = read_csv(extra_csv, ("path",), "an extra-data CSV")
     has_parts = all(c in frame.columns for c in EXTRA_PART_COLUMNS)
     if not has_parts and "label" not in frame.columns:
         raise MaskdistError(

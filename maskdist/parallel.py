@@ -17,6 +17,16 @@ def context():
     return multiprocessing.get_context(method)
 
 
+def gather_rows(rows: list, accelerator=None) -> list:
+    """Every process's Python ``rows`` concatenated, on every process (``gather_object``);
+    the rows themselves when there is one process. Ranks may hold different counts."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return rows
+    from accelerate.utils import gather_object
+
+    return gather_object(rows)
+
+
 def init_worker(*_args) -> None:
     """Worker start-up: one compute thread each; Ctrl-C is the parent's to handle."""
     import cv2

@@ -7,6 +7,7 @@ count. The main process writes the outputs, atomically.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
@@ -153,8 +154,9 @@ def folder_loader(keys, paths, transform, batch_size: int, rank: int, world_size
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate, **kwargs)
 
 
-def ensemble_probs(ensemble: Ensemble, loader, device, tta: str = "none", autocast=None) -> tuple[list, list]:
-    """This process's ``(key, ensemble probs, per-fold probs)`` rows and failed ``(key, why)``."""
+def ensemble_probs(ensemble: Ensemble, loader, device, tta: str = "none", autocast=contextlib.nullcontext) -> tuple[list, list]:
+    """This process's ``(key, ensemble probs, per-fold probs)`` rows and failed ``(key, why)``;
+    ``autocast`` is the accelerator's mixed-precision context."""
     if tta not in TTAS:
         raise MaskdistError(f"unknown TTA {tta!r}: choose {' or '.join(TTAS)}")
     rows, failed = [], []
@@ -168,7 +170,7 @@ def ensemble_probs(ensemble: Ensemble, loader, device, tta: str = "none", autoca
             for member in ensemble.members:
                 probs = 0
                 for view in views:
-                    with autocast() if autocast else torch.autocast(torch.device(device).type, enabled=False):
+                    with autocast():
                         probs = probs + torch.softmax(member.model(view).float(), dim=1)
                 per_fold.append((probs / len(views)).cpu())
             stacked = torch.stack(per_fold, dim=1)  # N x folds x classes
@@ -182,15 +184,9 @@ def ensemble_probs(ensemble: Ensemble, loader, device, tta: str = "none", autoca
     return rows, failed
 
 
-def _gather(rows: list, accelerator) -> list:
-    if accelerator is None or accelerator.num_processes == 1:
-        return rows
-    from accelerate.utils import gather_object
-
-    return gather_object(rows)
-
-
-def _by_key(rows: list) -> dict:
+def by_key(rows: list) -> dict:
+    """``key -> (ensemble probs, per-fold probs)``, the first row of each key (gathered
+    rows may repeat a key)."""
     out = {}
     for key, mixed, per_fold in rows:
         out.setdefault(key, (mixed, per_fold))
@@ -222,7 +218,7 @@ class ShardEval(EvalSet):
             info_path = candidate if candidate is not None and candidate.is_file() else None
         if info_path is None:
             raise MaskdistError(f"info.csv of {shards}'s eval set not found: pass --info PATH/info.csv")
-        info = layout._read_csv(info_path, layout.EVAL_COLUMNS, "the eval folder")
+        info = layout.read_csv(info_path, layout.EVAL_COLUMNS, "the eval folder")
         if len(info) != eval_total:
             raise MaskdistError(
                 f"{info_path} has {len(info)} rows but the shard set holds {eval_total} eval images: "
@@ -244,7 +240,7 @@ class FolderEval(EvalSet):
     def __init__(self, eval_dir: str | os.PathLike):
         table, report = layout.read_eval(eval_dir)
         info_path = Path(eval_dir) / "info.csv"
-        info = layout._read_csv(info_path, layout.EVAL_COLUMNS, "the eval folder")
+        info = layout.read_csv(info_path, layout.EVAL_COLUMNS, "the eval folder")
         missing = [p for p in report.problems if p.kind in ("missing-image", "duplicate-row")]
         if missing or len(table) != len(info):
             listed = "; ".join(f"{p.where} ({p.why})" for p in missing[:5])
@@ -295,8 +291,8 @@ def predict(
     started = time.perf_counter()
     rows, failed = ensemble_probs(ensemble, loader, accelerator.device, tta, accelerator.autocast)
     seconds = time.perf_counter() - started
-    predicted = _by_key(_gather(rows, accelerator))
-    failed = _gather(failed, accelerator)
+    predicted = by_key(parallel.gather_rows(rows, accelerator))
+    failed = parallel.gather_rows(failed, accelerator)
     if failed:
         listed = "; ".join(f"{k}: {why}" for k, why in failed[:5])
         raise MaskdistError(f"{len(failed)} eval image(s) could not be read ({listed}): fix or replace them; no submission written")

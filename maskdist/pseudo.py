@@ -19,7 +19,8 @@ import pandas as pd
 from maskdist import labels, layout, transforms
 from maskdist.errors import MaskdistError
 from maskdist.fileio import atomic_path
-from maskdist.predict import _by_key, _gather, ensemble_probs, folder_loader, load_ensemble
+from maskdist import parallel
+from maskdist.predict import by_key, ensemble_probs, folder_loader, load_ensemble
 
 
 @dataclass
@@ -87,8 +88,8 @@ def pseudo_label(
     keys = [str(p) for p in images]
     loader = folder_loader(keys, keys, tf, batch_size, accelerator.process_index, accelerator.num_processes, workers)
     rows, failed = ensemble_probs(ensemble, loader, accelerator.device, "none", accelerator.autocast)
-    predicted = _by_key(_gather(rows, accelerator))
-    report = PseudoReport(images=len(images), unreadable=sorted(_gather(failed, accelerator)), out=str(out))
+    predicted = by_key(parallel.gather_rows(rows, accelerator))
+    report = PseudoReport(images=len(images), unreadable=sorted(parallel.gather_rows(failed, accelerator)), out=str(out))
 
     records = []
     for path in images:

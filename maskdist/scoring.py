@@ -28,8 +28,8 @@ def _labels_column(frame: pd.DataFrame, path: Path) -> np.ndarray:
 def score_submission(submission: str | os.PathLike, answers: str | os.PathLike) -> metrics.Scores:
     """Scores of a submission (ImageID,ans) against an answers file of the same images."""
     sub_path, ans_path = Path(submission), Path(answers)
-    sub = layout._read_csv(sub_path, ("ImageID", "ans"), "a submission")
-    ans = layout._read_csv(ans_path, ("ImageID", "ans"), "an answers file")
+    sub = layout.read_csv(sub_path, ("ImageID", "ans"), "a submission")
+    ans = layout.read_csv(ans_path, ("ImageID", "ans"), "an answers file")
     if sub["ImageID"].duplicated().any():
         raise MaskdistError(f"{sub_path} lists some ImageID twice: write one row per image")
     if set(sub["ImageID"]) != set(ans["ImageID"]):
@@ -73,7 +73,7 @@ def ensemble_and_folds(probs_npz: str | os.PathLike, answers: str | os.PathLike)
     """Macro F1 on the answers of the ensemble and of each fold model alone, from the
     ``.probs.npz`` that ``predict`` writes beside the submission."""
     saved = np.load(probs_npz)
-    truth = layout._read_csv(Path(answers), ("ImageID", "ans"), "an answers file").set_index("ImageID")
+    truth = layout.read_csv(Path(answers), ("ImageID", "ans"), "an answers file").set_index("ImageID")
     missing = set(saved["image_id"]) - set(truth.index)
     if missing:
         raise MaskdistError(f"{answers} lacks {len(missing)} of the predicted images: pass the answers of this eval set")

@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from maskdist import checkpoint, config as config_mod, labels, losses, metrics, monitor, stream, transforms
+from maskdist import checkpoint, config as config_mod, labels, losses, metrics, monitor, parallel, stream, transforms
 from maskdist.errors import MaskdistError
 from maskdist.fileio import atomic_path, atomic_write_json, recover_dir, replace_dir
 from maskdist.manifest import open_shard_set
@@ -70,7 +70,7 @@ def evaluate(accelerator: Accelerator, model, loader, mean, std, channels_last: 
             probs = torch.softmax(model(x).float(), dim=1).cpu().numpy()
             for i, key in enumerate(batch["key"]):
                 rows.append((key, int(batch["label"][i]), int(batch["label_true"][i]), probs[i].astype(np.float32)))
-    gathered = gather_object(rows) if accelerator.num_processes > 1 else rows
+    gathered = parallel.gather_rows(rows, accelerator)
     frame = pd.DataFrame(gathered, columns=["key", "label", "label_true", "probs"])
     return frame.drop_duplicates("key").sort_values("key").reset_index(drop=True)
 
@@ -257,7 +257,7 @@ def train(cfg: config_mod.TrainConfig) -> dict:
                 checkpoint.save(run_dir, accelerator.unwrap_model(model), card)
                 with atomic_path(run_dir / OOF) as tmp:
                     oof_frame(predictions, cfg.fold).to_csv(tmp, index=False, float_format="%.6g")
-        best = gather_object([best])[0] if world > 1 else best  # every rank agrees on the best
+        best = parallel.gather_rows([best], accelerator)[0]  # every rank agrees on the best (rank 0's)
         _save_state(accelerator, run_dir, {"epoch": epoch, "best": best, "steps_per_epoch": steps_per_epoch})
 
     if main:

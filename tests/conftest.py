@@ -29,9 +29,10 @@ def synth_copy(small_synth, tmp_path) -> Path:
 # --- training fixtures ----------------------------------------------------------------------
 
 import os
-import socket
 import subprocess
 import sys
+
+from maskdist.kfold import free_port  # noqa: E402,F401  (tests import it from here)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,12 +45,6 @@ def small_shards(small_synth, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "small"
     build_shards(small_synth / "train", out, eval_dir=small_synth / "eval", folds=3, seed=0, image_size=64, workers=1)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_env(tmp_path: Path) -> dict:

@@ -13,7 +13,6 @@ import math
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -23,6 +22,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
+from conftest import free_port
 
 from maskdist import stream
 from maskdist.manifest import open_shard_set
@@ -306,12 +307,6 @@ def _run_or_kill(cmd: list[str], env: dict, log: Path, timeout: float, what: str
             pytest.fail(f"{what} hung:\n{log.read_text()[-3000:]}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_ddp_equal_steps_and_exact_eval(tiny, tmp_path):
     root, _ = tiny
     out = tmp_path / "out"
@@ -322,7 +317,7 @@ def test_two_process_ddp_equal_steps_and_exact_eval(tiny, tmp_path):
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--machine_rank", "0", "--main_process_ip", "127.0.0.1",
-           "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
            str(REPO / "tests" / "ddp" / "stream_ddp.py"), str(root), str(out), "--batch-size", "8", "--workers", "2"]
     log = tmp_path / "launch.log"
     rc = _run_or_kill(cmd, env, log, timeout=150, what="2-process launch (unequal steps per rank?)")
