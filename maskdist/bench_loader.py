@@ -1,4 +1,5 @@
-"""Loader benchmark: the shard stream against a plain "folder of JPEGs" loader, same images.
+"""Loader benchmark: the shard stream against a plain webdataset pipeline on the same shards
+and a plain "folder of JPEGs" loader on the same images.
 
 :func:`bench_loader` measures, for 1 and N DataLoader workers:
 
@@ -6,15 +7,22 @@
   normalisation is left to the device, as in training): images/s after the first batch
   (worker start and shuffle-buffer fill excluded), the per-class share of what it yielded
   against the requested mixture, and the RSS of each worker sampled over the run;
+* a plain webdataset pipeline over the same training shards (``wds.WebDataset``, resampled
+  shards, its tar iteration, the same shuffle buffer, decode and transform into the same
+  uint8 batches, ``wds.WebLoader`` with the same workers): the ratio stream / webdataset is
+  the end-to-end margin of maskdist's strict tar reader and mixing over webdataset's own
+  reading, the figure behind the reader decision in docs/design.md;
 * the baseline the competition's reference code uses: PIL open of the original images
   (found through the manifest's ``build.train_dir`` + each sample's ``relpath``, or under
   ``folder``), torchvision Resize(224) + CenterCrop(150) + ToTensor + Normalize, through a
   shuffled torch DataLoader; same images, same counts, same worker counts;
 
-and the ratio stream / baseline, the figure to report. ``maskdist bench loader`` prints it.
+and the ratios stream / baseline (the figure to report) and stream / webdataset.
+``maskdist bench loader`` prints them.
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -23,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from maskdist import stream
+from maskdist import parallel, stream
 from maskdist.errors import MaskdistError
-from maskdist.manifest import ShardSet, open_shard_set
+from maskdist.shards.manifest import ShardSet, open_shard_set
 from maskdist.transforms import RECIPE_MEAN, RECIPE_STD
 
 
@@ -57,20 +65,25 @@ class BenchResult:
     stream_runs: list[RunResult]
     baseline_runs: list[RunResult]
     image_note: str
+    webdataset_runs: list[RunResult] = field(default_factory=list)
 
-    def ratio(self, workers: int) -> float:
+    def ratio(self, workers: int, against: str = "baseline") -> float:
+        """Stream images/s over the baseline's (``against="webdataset"``: over webdataset's)."""
+        others = self.webdataset_runs if against == "webdataset" else self.baseline_runs
         ours = next(r for r in self.stream_runs if r.workers == workers)
-        base = next(r for r in self.baseline_runs if r.workers == workers)
+        base = next(r for r in others if r.workers == workers)
         return ours.images_per_s / base.images_per_s if base.images_per_s else math.inf
 
     def describe(self) -> str:
         lines = [f"loader benchmark on {self.shards}: {self.samples} images per run, batch {self.batch_size}, alpha {self.alpha:g}",
                  f"  {self.image_note}", "", f"  {'loader':<34}{'workers':>8}{'img/s':>10}{'img/s/worker':>14}"]
-        for r in self.stream_runs + self.baseline_runs:
+        for r in self.stream_runs + self.webdataset_runs + self.baseline_runs:
             lines.append(f"  {r.name:<34}{r.workers:>8}{r.images_per_s:>10.0f}{r.images_per_s / max(1, r.workers):>14.0f}")
         lines.append("")
         for r in self.stream_runs:
             lines.append(f"  ratio shard stream / folder baseline, {r.workers} worker(s): {self.ratio(r.workers):.2f}x")
+        for r in self.stream_runs if self.webdataset_runs else []:
+            lines.append(f"  ratio shard stream / webdataset pipeline, {r.workers} worker(s): {self.ratio(r.workers, 'webdataset'):.3f}x")
         lines += ["", "  class shares (%): requested / shard stream ({} workers) / baseline".format(self.stream_runs[-1].workers)]
         ours, base = self.stream_runs[-1].shares(), self.baseline_runs[-1].shares()
         worst = 0.0
@@ -80,7 +93,7 @@ class BenchResult:
         lines.append(f"  largest gap stream vs requested: {100 * worst:.2f} percentage points"
                      f" over {sum(self.stream_runs[-1].class_counts)} samples")
         lines += ["", "  worker RSS (MB): at start / at end / max over the timed run"]
-        for r in self.stream_runs + self.baseline_runs:
+        for r in self.stream_runs + self.webdataset_runs + self.baseline_runs:
             for pid, values in r.rss_mb.items():
                 if values:
                     lines.append(f"    {r.name} ({r.workers} w) pid {pid}: {values[0]:.0f} / {values[-1]:.0f} / {max(values):.0f}")
@@ -122,6 +135,29 @@ def _measure(name: str, workers: int, samples: int, batches, pids, num_classes: 
     for pid, mb in _rss_mb(pids()).items():
         rss.setdefault(pid, []).append(mb)
     return RunResult(name, workers, images, seconds, counts, rss)
+
+
+def _is_sample_field(name: str) -> bool:
+    """Members the webdataset pipeline reads: a sample's image and json (never a pickle)."""
+    from maskdist.shards.format import FIELDS
+
+    return name.rsplit(".", 1)[-1] in FIELDS
+
+
+def _webdataset_loader(shard_set: ShardSet, workers: int, batch_size: int, shuffle_buffer: int, transform, seed: int):
+    """The same shards, decode and batches through a plain webdataset pipeline."""
+    import webdataset as wds
+
+    from maskdist.shards.format import TRAIN_BATCH_FIELDS
+
+    collate = functools.partial(stream.collate, transform=transform, fields=TRAIN_BATCH_FIELDS)
+    dataset = (wds.WebDataset(shard_set.urls("train", extra=False), resampled=True, shardshuffle=False, nodesplitter=None,
+                              select_files=_is_sample_field, seed=seed)
+               .shuffle(shuffle_buffer)
+               .batched(batch_size, collation_fn=collate, partial=False))
+    return wds.WebLoader(dataset, batch_size=None, num_workers=workers, worker_init_fn=parallel.worker_init(),
+                         multiprocessing_context=parallel.context() if workers else None,
+                         persistent_workers=workers > 0)
 
 
 def _stream_batches(loader):
@@ -199,6 +235,18 @@ def bench_loader(shards: str | Path | ShardSet, workers: int = 2, samples: int =
         finally:
             loader.close()
 
+    webdataset_runs = []
+    for w in worker_counts:
+        loader = _webdataset_loader(shard_set, w, batch_size, shuffle_buffer, transform, seed)
+        torch_loader = loader.pipeline[0]  # WebLoader wraps a torch DataLoader
+        try:
+            webdataset_runs.append(_measure(
+                "webdataset pipeline (same decode)", w, samples, iter(loader),
+                lambda: [p.pid for p in getattr(getattr(torch_loader, "_iterator", None), "_workers", [])], shard_set.num_classes))
+        finally:
+            parallel.stop_workers(torch_loader)
+        del loader, torch_loader
+
     paths, labels = _originals(shard_set, folder)
     rng = random.Random(seed)
     order = []
@@ -217,7 +265,7 @@ def bench_loader(shards: str | Path | ShardSet, workers: int = 2, samples: int =
     with_size = next(iter(_image_size(paths[:1])), None)
     note = (f"shards store JPEGs {stored_size_text(shard_set.manifest.get('image', {}))}; the baseline reads the originals"
             + (f" ({with_size[0]}x{with_size[1]} HxW)" if with_size else ""))
-    return BenchResult(str(shard_set.location), batch_size, samples, alpha, expected, stream_runs, baseline_runs, note)
+    return BenchResult(str(shard_set.location), batch_size, samples, alpha, expected, stream_runs, baseline_runs, note, webdataset_runs)
 
 
 def stored_size_text(image: dict) -> str:

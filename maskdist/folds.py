@@ -13,8 +13,7 @@ import pandas as pd
 
 from maskdist import labels
 from maskdist.errors import MaskdistError
-
-EXTRA_FOLD = -1
+from maskdist.shards.format import EXTRA_FOLD, fold_name
 
 
 def _strata(people: pd.DataFrame) -> pd.Series:
@@ -67,7 +66,7 @@ def describe(table: pd.DataFrame, age_cut: int = labels.METRIC_AGE_CUT) -> str:
     header = "fold people images | " + " ".join(f"{c:>5d}" for c in range(labels.NUM_CLASSES))
     lines = [f"images per fold and class (training labels, old-age cut {age_cut}):", header]
     for fold, row in counts.iterrows():
-        name = "extra" if fold == EXTRA_FOLD else str(fold)
+        name = fold_name(fold)
         lines.append(f"{name:>4} {people[fold]:>6d} {row.sum():>6d} | " + " ".join(f"{v:>5d}" for v in row))
     total = counts.sum()
     lines.append(f"{'all':>4} {people.sum():>6d} {total.sum():>6d} | " + " ".join(f"{v:>5d}" for v in total))

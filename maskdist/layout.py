@@ -27,6 +27,7 @@ import pandas as pd
 
 from maskdist import labels
 from maskdist.errors import MaskdistError
+from maskdist.shards.format import UNKNOWN_AGE
 
 TRAIN_COLUMNS = ("id", "gender", "race", "age", "path")
 EVAL_COLUMNS = ("ImageID", "ans")
@@ -37,7 +38,6 @@ _EXTENSION_PREFERENCE = {ext: rank for rank, ext in enumerate(IMAGE_EXTENSIONS)}
 PUBLISHED_FIXES = Path(__file__).parent / "data" / "published_fixes.csv"
 TABLE_COLUMNS = ("path", "relpath", "person", "id", "gender", "age", "mask", "stem", "label", "source")
 EVAL_TABLE_COLUMNS = ("row", "image_id", "path", "relpath")
-UNKNOWN_AGE = -1  # extra samples labelled by class only: the age in years is unknown
 
 
 @dataclass(frozen=True)

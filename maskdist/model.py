@@ -16,9 +16,8 @@ from torch import nn
 
 from maskdist.errors import MaskdistError
 from maskdist.labels import NUM_CLASSES
+from maskdist.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def create_model(

@@ -20,9 +20,12 @@ from PIL import Image
 
 from maskdist import images, labels
 from maskdist import shards as shards_api
+from maskdist.shards import build as shards_build
+from maskdist.shards import format as shard_format
+from maskdist.shards import tario
 from maskdist.cli import main
 from maskdist.errors import MaskdistError
-from maskdist.manifest import open_shard_set
+from maskdist.shards.manifest import open_shard_set
 
 SHARD_SIZE = 8  # small, so groups span several shards
 
@@ -145,7 +148,7 @@ def test_shards_grouped_by_fold_and_class(built):
             meta = s["json"]
             assert (meta["fold"], meta["label"]) == (shard["fold"], shard["class"])
             assert meta["label_true"] == (meta["label"] if meta["age"] == -1 else labels.label_of(meta["mask"], meta["gender"], meta["age"]))
-            assert set(meta) == set(shards_api.TRAIN_FIELDS)
+            assert set(meta) == set(shard_format.TRAIN_SCHEMA)
     assert {fold for fold, _ in groups} == {0, 1, 2, -1}
     assert any(len(g) > 1 for g in groups.values())  # a group larger than --shard-size spans shards
     # Within a group, only the last shard may be short.
@@ -232,7 +235,7 @@ def test_cli_build_refuses_overwrite_and_prints_summary(odd_data, tmp_path):
     cli_default = next(p.default for p in main.commands["shards"].commands["build"].params if p.name == "image_size")
     size = shards_api.parse_image_size(cli_default)  # the CLI's default, whatever it is, is what gets recorded
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["build"]["image_size"] == shards_api.image_size_text(size)
+    assert manifest["build"]["image_size"] == shards_build.image_size_text(size)
     assert (manifest["image"]["short_side"], manifest["image"]["size"]) == \
         ((size, None) if isinstance(size, int) else (None, list(size)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]  # no temp or old folders left
@@ -240,7 +243,7 @@ def test_cli_build_refuses_overwrite_and_prints_summary(odd_data, tmp_path):
 
 def test_interrupted_build_leaves_nothing(odd_data, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = shards_api._encode_task
+    real = shards_build._encode_task
 
     def dying(task):
         # Simulates a kill / Ctrl-C part-way through the build (after 50 images).
@@ -249,7 +252,7 @@ def test_interrupted_build_leaves_nothing(odd_data, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(task)
 
-    monkeypatch.setattr(shards_api, "_encode_task", dying)
+    monkeypatch.setattr(shards_build, "_encode_task", dying)
     out = tmp_path / "set"
     with pytest.raises(KeyboardInterrupt):
         _build(odd_data, out, workers=1)
@@ -258,7 +261,7 @@ def test_interrupted_build_leaves_nothing(odd_data, tmp_path, monkeypatch):
     # A build killed with -9 cannot clean up; the next build removes its partial folder.
     stale = tmp_path / ".set.partial-999999999"
     (stale / "train").mkdir(parents=True)
-    monkeypatch.setattr(shards_api, "_encode_task", real)
+    monkeypatch.setattr(shards_build, "_encode_task", real)
     _build(odd_data, out, workers=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
 
@@ -455,7 +458,7 @@ def test_image_checks():
 ])
 def test_parse_image_size(value, expected):
     assert shards_api.parse_image_size(value) == expected
-    text = shards_api.image_size_text(expected)
+    text = shards_build.image_size_text(expected)
     assert shards_api.parse_image_size(text) == expected  # what the manifest records reads back
 
 
@@ -503,8 +506,8 @@ def _tar_bytes(members, fmt=tarfile.PAX_FORMAT) -> bytes:
 
 def _read_members(data: bytes, seekable: bool = True) -> list[tuple[str, bytes, bytes | None]]:
     stream = io.BytesIO(data) if seekable else io.BufferedReader(_Unseekable(data))
-    tar = shards_api.TarReader(stream, "s.tar")
-    return [(name, typeflag, tar.read() if typeflag in shards_api.REGULAR_TYPES and not name.endswith(".skip") else None)
+    tar = tario.TarReader(stream, "s.tar")
+    return [(name, typeflag, tar.read() if typeflag in tario.REGULAR_TYPES and not name.endswith(".skip") else None)
             for name, typeflag, _ in tar]
 
 
