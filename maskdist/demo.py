@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from maskdist import config as config_mod
 from maskdist import kfold, scoring, synth
-from maskdist.manifest import MANIFEST
+from maskdist.shards.format import MANIFEST
 from maskdist.predict import probs_path
+from maskdist.train import fold_finished
 
 
 def free_cores() -> int:
@@ -71,11 +73,12 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> dict:
         echo,
     )
     processes = options.processes or (2 if free_cores() >= 2 else 1)
-    plan = kfold.KFoldPlan(shards=str(shard_dir), out=runs, processes=processes, cpu=True, config=options.config,
-                           train_args=["--seed", str(options.seed)] + (["--epochs", str(options.epochs)] if options.epochs else []),
+    train_config = config_mod.load(options.config, {"shards": str(shard_dir), "out": str(runs), "seed": options.seed,
+                                                    "epochs": options.epochs})
+    plan = kfold.KFoldPlan(shards=str(shard_dir), out=runs, train=train_config, processes=processes, cpu=True,
                            submission=submission)
     echo(f"[train] {options.folds} folds, preset {options.config}, {processes} CPU process(es) per fold")
-    _stage("train + predict", submission.is_file() and all(kfold.fold_finished(runs / f"fold{k}") for k in range(options.folds)),
+    _stage("train + predict", submission.is_file() and all(fold_finished(runs / f"fold{k}") for k in range(options.folds)),
            lambda: kfold.run(plan, echo), echo)
 
     oof = scoring.oof_scores(runs)

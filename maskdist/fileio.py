@@ -51,7 +51,7 @@ def replace_dir(tmp: Path, target: Path) -> None:
     one is in place, so a kill between the two renames leaves a complete old copy that
     :func:`recover_dir` restores.
     """
-    old = target.with_name(target.name + ".old")
+    old = aside(target)
     if old.exists():
         shutil.rmtree(old)
     if target.exists():
@@ -61,11 +61,21 @@ def replace_dir(tmp: Path, target: Path) -> None:
         shutil.rmtree(old)
 
 
+def aside(target: Path) -> Path:
+    """Where :func:`replace_dir` keeps the previous copy of ``target`` while it swaps."""
+    return target.with_name(target.name + ".old")
+
+
+def dir_exists(target: Path) -> bool:
+    """``target`` exists, or a copy :func:`recover_dir` would restore."""
+    return target.exists() or aside(target).exists()
+
+
 def recover_dir(target: Path) -> Path | None:
     """``target`` if it exists, else the copy ``replace_dir`` left aside, else None."""
     if target.exists():
         return target
-    old = target.with_name(target.name + ".old")
+    old = aside(target)
     if old.exists():
         os.replace(old, target)
         return target

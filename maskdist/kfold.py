@@ -1,13 +1,15 @@
 """Train every fold, then predict with the ensemble: one command on 1 CPU, N GPUs or a node.
 
-Each fold is one ``accelerate launch -m maskdist train`` (a fresh process group per fold, so
-a failure is contained and ``--resume`` picks it up). Folds run one after another on all
-processes, or side by side on disjoint GPU subsets (``parallel_folds``). Folds that already
-hold a finished model are skipped, so a re-run continues where the last one stopped.
+Each fold is one ``accelerate launch -m maskdist train --config PLAN`` where PLAN is the
+fold's resolved :class:`~maskdist.config.TrainConfig` written as YAML (a fresh process group
+per fold, so a failure is contained and ``--resume`` picks it up). Folds run one after
+another on all processes, or side by side on disjoint GPU subsets (``parallel_folds``). Folds
+that :func:`maskdist.train.fold_finished` reports finished are skipped, so a re-run continues
+where the last one stopped.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import socket
 import subprocess
@@ -16,28 +18,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from maskdist import checkpoint
+from maskdist import config as config_mod
+from maskdist import parallel
 from maskdist.errors import MaskdistError
-from maskdist.manifest import open_shard_set
+from maskdist.predict import TTAS, WEIGHTINGS
+from maskdist.shards.manifest import open_shard_set
+from maskdist.train import fold_finished, has_state
 
-STATE_FILE = Path("state") / "trainer.json"
+PLANS = "plans"  # OUT/plans/fold<K>.yaml: the configuration each fold was launched with
 
 
 @dataclass
 class KFoldPlan:
     shards: str
     out: Path
+    train: config_mod.TrainConfig | None = None  # every fold's options (fold, out, shards set per fold); None: defaults
     processes: int = 1  # per fold
     cpu: bool = False  # CPU DDP (gloo) instead of GPUs
     parallel_folds: int = 1
     gpus: Sequence[str] = ()  # device ids to spread parallel folds over
     folds: Sequence[int] | None = None
-    config: str | None = None
-    train_args: Sequence[str] = ()
-    predict_args: Sequence[str] = ()
+    tta: str = "none"
+    weighting: str = "uniform"
     accelerate_config: str | None = None
     submission: Path | None = None
     env: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.tta not in TTAS or self.weighting not in WEIGHTINGS:
+            raise MaskdistError(f"kfold: tta {self.tta!r} / weights {self.weighting!r}: expected one of {TTAS} / {WEIGHTINGS}")
+
+    def fold_config(self, fold: int) -> config_mod.TrainConfig:
+        """The configuration fold ``fold`` trains with."""
+        base = self.train or config_mod.load(None, {"shards": self.shards})
+        run_dir = Path(self.out) / f"fold{fold}"
+        return dataclasses.replace(base, shards=self.shards, out=str(self.out), fold=int(fold), resume=has_state(run_dir))
 
 
 def free_port() -> int:
@@ -72,22 +87,11 @@ def launch_env(plan: KFoldPlan, devices: Sequence[str] | None = None) -> dict:
     return env
 
 
-def fold_finished(run_dir: Path) -> bool:
-    state = run_dir / STATE_FILE
-    if not (run_dir / checkpoint.MODEL_JSON).is_file() or not state.is_file():
-        return False
-    trainer = json.loads(state.read_text())
-    config_epochs = _config_epochs(run_dir)
-    return config_epochs is not None and trainer.get("epoch", -1) >= config_epochs - 1
-
-
-def _config_epochs(run_dir: Path) -> int | None:
-    import yaml
-
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return None
-    return int((yaml.safe_load(path.read_text()) or {}).get("epochs", 0)) or None
+def write_fold_plan(plan: KFoldPlan, fold: int) -> Path:
+    """Write fold ``fold``'s configuration as YAML for its launch; returns the path."""
+    path = Path(plan.out) / PLANS / f"fold{fold}.yaml"
+    config_mod.save(plan.fold_config(fold), path)
+    return path
 
 
 def train_folds(plan: KFoldPlan, echo: Callable[[str], None] = print) -> list[int]:
@@ -96,7 +100,7 @@ def train_folds(plan: KFoldPlan, echo: Callable[[str], None] = print) -> list[in
     folds = list(plan.folds) if plan.folds is not None else list(range(shard_set.folds))
     todo = []
     for fold in folds:
-        run_dir = plan.out / f"fold{fold}"
+        run_dir = Path(plan.out) / f"fold{fold}"
         if fold_finished(run_dir):
             echo(f"fold {fold}: finished earlier, reusing {run_dir}")
         else:
@@ -115,30 +119,29 @@ def train_folds(plan: KFoldPlan, echo: Callable[[str], None] = print) -> list[in
         return slot
 
     free_slots = list(range(slots))
-    for fold in todo:
-        if not free_slots:
-            free_slots.append(wait_one())
-        slot = free_slots.pop(0)
-        run_dir = plan.out / f"fold{fold}"
-        args = ["train", "--shards", plan.shards, "--fold", str(fold), "--out", str(plan.out)]
-        if plan.config:
-            args += ["--config", plan.config]
-        if (run_dir / "state").exists() or (run_dir / "state.old").exists():
-            args.append("--resume")
-        args += list(plan.train_args)
-        devices = None
-        if plan.gpus and slots > 1:
-            devices = list(plan.gpus[slot * plan.processes:(slot + 1) * plan.processes])
-        echo(f"fold {fold}: training on {plan.processes} process(es)" + (f", devices {','.join(devices)}" if devices else ""))
-        proc = subprocess.Popen(launch_command(plan, plan.processes, args), env=launch_env(plan, devices))
-        running.append((fold, proc, slot))
-        if slots == 1:
+    try:
+        for fold in todo:
+            if not free_slots:
+                free_slots.append(wait_one())
+            slot = free_slots.pop(0)
+            fold_plan = write_fold_plan(plan, fold)
+            devices = None
+            if plan.gpus and slots > 1:
+                devices = list(plan.gpus[slot * plan.processes:(slot + 1) * plan.processes])
+            echo(f"fold {fold}: training on {plan.processes} process(es)" + (f", devices {','.join(devices)}" if devices else ""))
+            proc = subprocess.Popen(launch_command(plan, plan.processes, ["train", "--config", str(fold_plan)]),
+                                    env=launch_env(plan, devices), preexec_fn=parallel.die_with_parent())
+            running.append((fold, proc, slot))
+            if slots == 1:
+                wait_one()
+                free_slots.append(slot)
+                if failures:
+                    break
+        while running:
             wait_one()
-            free_slots.append(slot)
-            if failures:
-                break
-    while running:
-        wait_one()
+    finally:
+        for _fold, proc, _slot in running:  # interrupted: the launches we started end with us
+            proc.terminate()
     if failures:
         raise MaskdistError(f"fold(s) {', '.join(map(str, failures))} failed: see the output above; re-run the same command to resume")
     return todo
@@ -147,10 +150,12 @@ def train_folds(plan: KFoldPlan, echo: Callable[[str], None] = print) -> list[in
 def run(plan: KFoldPlan, echo: Callable[[str], None] = print) -> Path:
     """Train all folds, then write the ensemble's submission with ``predict``."""
     train_folds(plan, echo)
-    submission = plan.submission or plan.out / "submission.csv"
-    args = ["predict", str(plan.out), "--shards", plan.shards, "--out", str(submission), *plan.predict_args]
+    submission = plan.submission or Path(plan.out) / "submission.csv"
+    args = ["predict", str(plan.out), "--shards", plan.shards, "--out", str(submission), "--tta", plan.tta, "--weights", plan.weighting]
+    if plan.train is not None:
+        args += ["--timeout-s", str(plan.train.timeout_s)]
     echo(f"predicting with the ensemble on {plan.processes} process(es)")
-    result = subprocess.run(launch_command(plan, plan.processes, args), env=launch_env(plan))
+    result = subprocess.run(launch_command(plan, plan.processes, args), env=launch_env(plan), preexec_fn=parallel.die_with_parent())
     if result.returncode != 0:
         raise MaskdistError("prediction failed: see the output above")
     return submission

@@ -8,7 +8,6 @@ count. The main process writes the outputs, atomically.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
 import re
 from dataclasses import dataclass, field
@@ -20,11 +19,11 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from maskdist import checkpoint, layout, parallel, stream, transforms
+from maskdist import checkpoint, distributed, layout, parallel, stream, transforms
 from maskdist.errors import MaskdistError
 from maskdist.fileio import atomic_path
 from maskdist.images import ImageError, decode_rgb
-from maskdist.manifest import open_shard_set
+from maskdist.shards.manifest import open_shard_set
 
 WEIGHTINGS = ("uniform", "f1")
 TTAS = ("none", "hflip")
@@ -150,7 +149,7 @@ def folder_loader(keys, paths, transform, batch_size: int, rank: int, world_size
     """This rank's share (every world_size-th image) of a list of files."""
     share = slice(rank, None, world_size)
     dataset = FolderImages(list(keys)[share], list(paths)[share], transform)
-    kwargs = dict(worker_init_fn=parallel.init_worker, multiprocessing_context=parallel.context()) if workers else {}
+    kwargs = dict(worker_init_fn=parallel.worker_init(), multiprocessing_context=parallel.context()) if workers else {}
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate, **kwargs)
 
 
@@ -272,6 +271,7 @@ def predict(
     batch_size: int = 64,
     workers: int = 2,
     precision: str = "no",
+    timeout_s: int = distributed.DEFAULT_TIMEOUT_S,
     accelerator=None,
 ) -> dict:
     """Write ``out`` (the submission) and ``out``'s ``.probs.npz``; return a summary."""
@@ -280,19 +280,15 @@ def predict(
     if (shards is None) == (eval_dir is None):
         raise MaskdistError("pass either --shards (the shard set's eval part) or --eval-dir (a competition eval folder)")
     if accelerator is None:
-        from accelerate import Accelerator
-        from accelerate.utils import InitProcessGroupKwargs
-
-        accelerator = Accelerator(mixed_precision=precision,
-                                  kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=1800))])
+        accelerator = distributed.make_accelerator(precision, timeout_s)
     ensemble = load_ensemble(sources, weighting, accelerator.device)
     eval_set = ShardEval(shards, info_csv) if shards is not None else FolderEval(eval_dir)
     loader = eval_set.loader(ensemble, batch_size, accelerator.process_index, accelerator.num_processes, workers)
     started = time.perf_counter()
     rows, failed = ensemble_probs(ensemble, loader, accelerator.device, tta, accelerator.autocast)
     seconds = time.perf_counter() - started
-    predicted = by_key(parallel.gather_rows(rows, accelerator))
-    failed = parallel.gather_rows(failed, accelerator)
+    predicted = by_key(distributed.gather_rows(rows, accelerator))
+    failed = distributed.gather_rows(failed, accelerator)
     if failed:
         listed = "; ".join(f"{k}: {why}" for k, why in failed[:5])
         raise MaskdistError(f"{len(failed)} eval image(s) could not be read ({listed}): fix or replace them; no submission written")

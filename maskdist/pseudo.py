@@ -16,10 +16,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from maskdist import labels, layout, transforms
+from maskdist import distributed, labels, layout, transforms
 from maskdist.errors import MaskdistError
 from maskdist.fileio import atomic_path
-from maskdist import parallel
 from maskdist.predict import by_key, ensemble_probs, folder_loader, load_ensemble
 
 
@@ -62,13 +61,13 @@ def pseudo_label(
     age_from_filename: str | None = None,
     batch_size: int = 64,
     workers: int = 2,
+    precision: str = "no",
+    timeout_s: int = distributed.DEFAULT_TIMEOUT_S,
     accelerator=None,
 ) -> PseudoReport:
     """Label the images of ``images_dir`` with the ensemble; write ``out`` (an extra-data CSV)."""
     if accelerator is None:
-        from accelerate import Accelerator
-
-        accelerator = Accelerator()
+        accelerator = distributed.make_accelerator(precision, timeout_s)
     if not 0.0 <= min_confidence <= 1.0:
         raise MaskdistError(f"--min-confidence {min_confidence} must be between 0 and 1")
     pattern = None
@@ -88,8 +87,8 @@ def pseudo_label(
     keys = [str(p) for p in images]
     loader = folder_loader(keys, keys, tf, batch_size, accelerator.process_index, accelerator.num_processes, workers)
     rows, failed = ensemble_probs(ensemble, loader, accelerator.device, "none", accelerator.autocast)
-    predicted = by_key(parallel.gather_rows(rows, accelerator))
-    report = PseudoReport(images=len(images), unreadable=sorted(parallel.gather_rows(failed, accelerator)), out=str(out))
+    predicted = by_key(distributed.gather_rows(rows, accelerator))
+    report = PseudoReport(images=len(images), unreadable=sorted(distributed.gather_rows(failed, accelerator)), out=str(out))
 
     records = []
     for path in images:

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 
 from maskdist import labels, layout, metrics
+from maskdist.checkpoint import OOF
 from maskdist.errors import MaskdistError
 from maskdist.predict import find_members
 
-OOF = "oof.csv"
 
 
 def _labels_column(frame: pd.DataFrame, path: Path) -> np.ndarray:
