@@ -1,8 +1,13 @@
-"""A run folder's model: ``best.safetensors`` beside ``model.json``.
+"""What a fold's run folder holds, and the best model in it: ``best.safetensors`` beside
+``model.json``.
 
 ``model.json`` says everything prediction needs (architecture, input size, normalisation,
 class map, age cut, fold, epoch, metrics), so a folder is self-describing. Weights are
 safetensors only: loading them cannot run code.
+
+The other files of a run folder (written by :mod:`maskdist.train`): ``oof.csv`` (out-of-fold
+probabilities of the best epoch), ``config.yaml`` (the resolved configuration), ``state/``
+(the resumable state) and ``tb/`` (TensorBoard events).
 """
 from __future__ import annotations
 
@@ -20,6 +25,11 @@ from maskdist.fileio import atomic_path, atomic_write_json
 
 WEIGHTS = "best.safetensors"
 MODEL_JSON = "model.json"
+OOF = "oof.csv"
+CONFIG = "config.yaml"
+STATE = "state"
+TRAINER_STATE = "trainer.json"  # inside STATE: where the run stands (epoch, step, best, ...)
+TENSORBOARD = "tb"
 FORMAT = "maskdist-model"
 FORMAT_VERSION = 1
 
@@ -49,6 +59,13 @@ def save(run_dir: Path, model: nn.Module, card: dict) -> None:
     with atomic_path(run_dir / WEIGHTS) as tmp:
         save_file(state, str(tmp), metadata={"format": FORMAT, "epoch": str(card["epoch"])})
     atomic_write_json(run_dir / MODEL_JSON, card)
+
+
+def update_card(run_dir: Path, values: dict) -> None:
+    """Merge ``values`` into an existing ``model.json`` (atomically); nothing without one."""
+    path = Path(run_dir) / MODEL_JSON
+    if path.is_file():
+        atomic_write_json(path, read_card(run_dir) | values)
 
 
 def read_card(run_dir: Path) -> dict:

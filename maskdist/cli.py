@@ -14,14 +14,20 @@ from maskdist.errors import MaskdistError
 
 
 class _Group(click.Group):
-    """A click group that turns MaskdistError into one line on stderr and exit status 2."""
+    """A click group that turns MaskdistError into one line on stderr and exit status 2, and a
+    run stopped for preemption (state saved) into its own documented status."""
 
     def invoke(self, ctx):
+        from maskdist.preemption import Preempted
+
         try:
             return super().invoke(ctx)
         except MaskdistError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
+        except Preempted as stopped:
+            click.echo(str(stopped), err=True)
+            sys.exit(stopped.exit_code)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -150,7 +156,8 @@ def train(config_file, **overrides):
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option("--precision", type=click.Choice(["no", "bf16", "fp16"]), default="no", show_default=True)
-def predict(runs, shards, eval_dir, info_csv, out, weighting, tta, batch_size, workers, precision):
+@click.option("--timeout-s", type=int, default=1800, show_default=True, help="Collective-operation timeout (a hung rank becomes an error).")
+def predict(runs, shards, eval_dir, info_csv, out, weighting, tta, batch_size, workers, precision, timeout_s):
     """The fold ensemble votes on the eval set and writes the submission.
 
     RUNS: an experiment folder (all of its fold<K>) or fold run folders one by one.
@@ -158,7 +165,7 @@ def predict(runs, shards, eval_dir, info_csv, out, weighting, tta, batch_size, w
     from maskdist import predict as predict_api
 
     summary = predict_api.predict(runs, out, shards=shards, eval_dir=eval_dir, info_csv=info_csv, weighting=weighting,
-                                  tta=tta, batch_size=batch_size, workers=workers, precision=precision)
+                                  tta=tta, batch_size=batch_size, workers=workers, precision=precision, timeout_s=timeout_s)
     if summary["processes"] == 1 or int(__import__("os").environ.get("RANK", "0")) == 0:
         click.echo(f"{summary['images']} images x {summary['models']} models on {summary['processes']} process(es): "
                    f"{summary['images_per_s']:.0f} img/s; wrote {summary['out']} and {summary['probs']}")
@@ -204,11 +211,14 @@ def oof(experiment, as_json):
 @click.option("--age-from-filename", default=None, help="Regex with one group capturing the age in years from the file name, e.g. '_(\\d+)\\.'.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True)
-def pseudo_label(runs, images_dir, out, min_confidence, age_from_filename, batch_size, workers):
+@click.option("--precision", type=click.Choice(["no", "bf16", "fp16"]), default="no", show_default=True)
+@click.option("--timeout-s", type=int, default=1800, show_default=True, help="Collective-operation timeout (a hung rank becomes an error).")
+def pseudo_label(runs, images_dir, out, min_confidence, age_from_filename, batch_size, workers, precision, timeout_s):
     """Label outside images with the fold ensemble; the CSV feeds `shards build --extra`."""
     from maskdist import pseudo
 
-    report = pseudo.pseudo_label([runs], images_dir, out, min_confidence, age_from_filename, batch_size, workers)
+    report = pseudo.pseudo_label([runs], images_dir, out, min_confidence, age_from_filename, batch_size, workers,
+                                 precision=precision, timeout_s=timeout_s)
     click.echo(report.describe())
 
 
@@ -228,15 +238,19 @@ def pseudo_label(runs, images_dir, out, min_confidence, age_from_filename, batch
 @click.option("--answers", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Score the submission against these answers.")
 @click.pass_context
 def kfold(ctx, shards, out, config_file, processes, cpu, parallel_folds, gpus, fold_list, accelerate_config, submission, tta, weighting, answers):
-    """Train every fold, then predict with the ensemble. Extra options go to `maskdist train`."""
+    """Train every fold, then predict with the ensemble. Extra options are `maskdist train`'s."""
+    from maskdist import config as config_mod
     from maskdist import kfold as kfold_api
     from maskdist import scoring
 
+    # The extra options, parsed and checked by `train`'s own parser into typed overrides.
+    overrides = train.make_context("maskdist kfold", list(ctx.args), parent=ctx).params
+    overrides.pop("config_file", None)
+    train_config = config_mod.load(config_file, dict(overrides, shards=shards, out=str(out)))
     plan = kfold_api.KFoldPlan(
-        shards=shards, out=out, processes=processes, cpu=cpu, parallel_folds=parallel_folds,
+        shards=shards, out=out, train=train_config, processes=processes, cpu=cpu, parallel_folds=parallel_folds,
         gpus=[g for g in gpus.split(",") if g], folds=[int(f) for f in fold_list.split(",") if f] or None,
-        config=config_file, train_args=ctx.args, predict_args=["--tta", tta, "--weights", weighting],
-        accelerate_config=accelerate_config, submission=submission,
+        tta=tta, weighting=weighting, accelerate_config=accelerate_config, submission=submission,
     )
     written = kfold_api.run(plan, echo=click.echo)
     result = scoring.oof_scores(out)
@@ -350,7 +364,8 @@ def bench():
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
 def bench_loader_cmd(shards, workers, samples, batch_size, alpha, folder, seed, as_json):
-    """Shard stream vs a folder-of-JPEGs loader (PIL + torchvision) on the same images.
+    """Shard stream vs a plain webdataset pipeline (same shards) and a folder-of-JPEGs loader
+    (PIL + torchvision, same images).
 
     SHARDS: a shard set folder, an http(s) URL of one, or `pipe:CMD` with {} for the path inside the set.
     """
@@ -364,7 +379,9 @@ def bench_loader_cmd(shards, workers, samples, batch_size, alpha, folder, seed, 
     if as_json:
         data = dataclasses.asdict(result)
         data["ratios"] = {str(r.workers): result.ratio(r.workers) for r in result.stream_runs}
-        data["images_per_s"] = {f"{r.name} {r.workers}": r.images_per_s for r in result.stream_runs + result.baseline_runs}
+        data["ratios_webdataset"] = {str(r.workers): result.ratio(r.workers, "webdataset") for r in result.stream_runs}
+        data["images_per_s"] = {f"{r.name} {r.workers}": r.images_per_s
+                                for r in result.stream_runs + result.webdataset_runs + result.baseline_runs}
         click.echo(json.dumps(data, indent=1))
     else:
         click.echo(result.describe())
@@ -389,3 +406,95 @@ def bench_train_cmd(model, batch_size, crop, steps, rounds, precision, compile_m
     result = bench_api.run(model, batch_size=batch_size, crop=crop, steps=steps, rounds=rounds, precision=precision,
                            compile_model=compile_model)
     click.echo(json.dumps(dataclasses.asdict(result) | {"ratio": result.ratio}) if as_json else result.describe())
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise MaskdistError(f"{text!r}: expected comma-separated whole numbers, e.g. 1,2,4") from None
+    if not values:
+        raise MaskdistError(f"{text!r}: expected at least one number")
+    return values
+
+
+@bench.command("epoch")
+@click.argument("shards")
+@click.option("--workers", "worker_list", default="1,2", show_default=True, help="Loader worker counts to try, e.g. 1,2,4,8.")
+@click.option("--steps", type=int, default=50, show_default=True, help="Timed training steps per worker count.")
+@click.option("--warmup", type=int, default=5, show_default=True, help="Untimed steps first (worker start, buffers).")
+@click.option("--config", "config_file", default="cpu_fast", show_default=True, help="Train preset or YAML file.")
+@click.option("--fold", type=int, default=0, show_default=True)
+@click.option("--model", default=None, help="Override the config's timm model.")
+@click.option("--batch-size", type=int, default=None, help="Override the config's batch size.")
+@click.option("--resize", type=int, default=None, help="Override the config's resize.")
+@click.option("--crop", type=int, default=None, help="Override the config's crop (input size).")
+@click.option("--precision", type=click.Choice(["no", "bf16", "fp16"]), default=None, help="Override the config's precision.")
+@click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
+def bench_epoch_cmd(shards, worker_list, steps, warmup, config_file, fold, model, batch_size, resize, crop, precision, as_json):
+    """The real training loop on SHARDS at each worker count vs the same loop fed from memory.
+
+    Prints img/s, the data-wait share and the loader's CPU use per worker count, and the
+    ratio to the in-memory ceiling: how many workers this model needs on this machine.
+    """
+    import dataclasses
+    import json
+
+    from maskdist import bench_epoch as bench_api
+
+    overrides = {k: v for k, v in dict(model=model, batch_size=batch_size, resize=resize, crop=crop, precision=precision).items()
+                 if v is not None}
+    result = bench_api.bench_epoch(shards, workers=_int_list(worker_list), steps=steps, warmup=warmup, config=config_file,
+                                   fold=fold, overrides=overrides)
+    if as_json:
+        data = dataclasses.asdict(result)
+        data["images_per_s"] = {str(r.workers): r.images_per_s for r in result.runs}
+        data["data_wait_frac"] = {str(r.workers): r.wait_frac for r in result.runs}
+        data["loader_cores"] = {str(r.workers): r.loader_cores for r in result.runs}
+        data["ratios"] = {str(r.workers): result.ratio(r.workers) for r in result.runs}
+        data["ceiling_images_per_s"] = result.ceiling.images_per_s if result.ceiling else None
+        data["workers_needed"] = result.workers_needed()
+        click.echo(json.dumps(data, indent=1))
+    else:
+        click.echo(result.describe())
+
+
+@bench.command("predict")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--shards", required=True, help="Shard set whose eval part to predict.")
+@click.option("--info", "info_csv", type=click.Path(path_type=Path), default=None, help="info.csv of the eval part (default: the one it was built from).")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--tta", type=click.Choice(["none", "hflip"]), default="none", show_default=True)
+@click.option("--precision", type=click.Choice(["no", "bf16", "fp16"]), default="no", show_default=True)
+@click.option("--rounds", type=int, default=2, show_default=True, help="Alternating timed rounds of each loop.")
+@click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
+def bench_predict_cmd(runs, shards, info_csv, batch_size, workers, tta, precision, rounds, as_json):
+    """The fold ensemble's predict vs a bare forward of the same models on the same decoded images."""
+    import dataclasses
+    import json
+
+    from maskdist import bench_predict as bench_api
+
+    result = bench_api.bench_predict(runs, shards, info_csv, batch_size=batch_size, workers=workers, tta=tta,
+                                     precision=precision, rounds=rounds)
+    click.echo(json.dumps(dataclasses.asdict(result) | {"ratio": result.ratio}) if as_json else result.describe())
+
+
+@bench.command("memory", context_settings={"ignore_unknown_options": True})
+@click.option("--every", type=float, default=1.0, show_default=True, help="Seconds between samples.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write every sample here.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def bench_memory_cmd(every, csv_path, command):
+    """Run COMMAND and sample the memory (RSS) of it and every process it starts, over time.
+
+    Example: maskdist bench memory -- maskdist train --config cpu_fast --shards shards/synth --fold 0 --out runs/m
+    """
+    from maskdist import bench_memory as bench_api
+
+    trace = bench_api.watch(command, every=every)
+    if csv_path:
+        trace.write_csv(csv_path)
+    click.echo(trace.describe())
+    if trace.returncode != 0:
+        sys.exit(trace.returncode if 0 < trace.returncode < 256 else 1)

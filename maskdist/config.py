@@ -30,6 +30,9 @@ class TrainConfig:
     alpha: float = _opt(0.0, "Class mixing: probability ~ n_c**alpha (0 balanced, 1 natural).")
     shuffle_buffer: int = _opt(1000, "Shuffle buffer per worker (samples).")
     workers: int = _opt(4, "Loader worker processes per training process.")
+    max_skipped: float = _opt(0.05, "Stop when unreadable shards skipped in an epoch hold more than this fraction of its samples.")
+    read_tries: int = _opt(5, "Attempts per remote shard read (http(s), pipe:, other URLs) before the shard is skipped.")
+    read_backoff_s: float = _opt(1.0, "Wait before the second attempt of a remote read; doubles with each further one (at most 30 s).")
     augment: str = _opt("recipe", "Augmentation preset.", ("recipe", "light", "none"))
     resize: int = _opt(224, "Resize both sides to this before cropping.")
     crop: int = _opt(150, "Centre-crop size fed to the model.")
@@ -61,7 +64,10 @@ class TrainConfig:
     precision: str = _opt("no", "Mixed precision through Accelerate.", ("no", "bf16", "fp16"))
     # bookkeeping
     seed: int = _opt(0, "Base seed: model init, sampling, augmentation.")
-    resume: bool = _opt(False, "Continue an interrupted run from OUT/fold<K>/state.")
+    resume: bool = _opt(False, "Continue an interrupted run from OUT/fold<K>/state (at the next batch).")
+    checkpoint_every: int = _opt(0, "Also save the resumable state every N training steps inside an epoch; 0: at epoch ends only.")
+    checkpoint_minutes: float = _opt(0.0, "Also save the resumable state every M minutes inside an epoch; 0: off.")
+    log_batches: bool = _opt(False, "Write every training batch's sample keys to OUT/fold<K>/batches/rank<R>.txt (audits).")
     log_every: int = _opt(10, "Log training scalars every N training steps (batches), and at the end of each epoch.")
     max_steps: int = _opt(0, "Stop each epoch after N steps (smoke tests); 0: full epochs.")
     timeout_s: int = _opt(1800, "Collective-operation timeout (a hung rank becomes an error).")
@@ -78,10 +84,14 @@ class TrainConfig:
             value = getattr(self, f.name)
             if choices and value not in choices:
                 raise MaskdistError(f"--{_flag(f.name)} {value!r} is not one of {', '.join(choices)}")
-        positive = ("epochs", "batch_size", "base_batch", "grad_accum", "resize", "crop")
+        positive = ("epochs", "batch_size", "base_batch", "grad_accum", "resize", "crop", "read_tries", "timeout_s", "log_every")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise MaskdistError(f"--{_flag(name)} must be positive (got {getattr(self, name)})")
+        not_negative = ("max_skipped", "read_backoff_s", "checkpoint_every", "checkpoint_minutes", "max_steps", "workers")
+        for name in not_negative:
+            if getattr(self, name) < 0:
+                raise MaskdistError(f"--{_flag(name)} must be 0 or more (got {getattr(self, name)})")
         if self.crop > self.resize:
             raise MaskdistError(f"--crop {self.crop} is larger than --resize {self.resize}")
         if not self.shards:

@@ -52,7 +52,7 @@ Evaluation stream (:func:`eval_loader`)
     ranks may yield different numbers of batches (``len(loader)`` says how many).
 
 Reading and decoding
-    Shards are read with a small strict tar reader (:class:`maskdist.shards.TarReader`, one
+    Shards are read with a small strict tar reader (:class:`maskdist.shards.tario.TarReader`, one
     512-byte header parse per member; 3-4x cheaper per sample than :mod:`tarfile`), which
     reads only the ``.jpg`` and ``.json`` members; any other member (a ``.pyd`` pickle, say)
     is skipped unread and never decoded, and a header that is not plain ustar/pax (bad
@@ -67,86 +67,51 @@ from __future__ import annotations
 
 import bisect
 import json
+import logging
 import math
 import multiprocessing
 import random
 import warnings
+import weakref
 from typing import Iterable, Iterator, Sequence
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from maskdist import parallel
 from maskdist.errors import MaskdistError
-from maskdist.manifest import ShardSet, open_shard_set
-from maskdist.shards import (
-    DIRECTORY_TYPE,
-    REGULAR_TYPES,
-    ShardFormatError,
-    TarReader,
-    split_key,
-)
-from maskdist.transforms import Transform, build_transform
+from maskdist.images import ImageError, check_jpeg_complete
+from maskdist.labels import NUM_CLASSES
+from maskdist.shards.format import EVAL_BATCH_FIELDS, IMAGE_EXT, META_EXT, TRAIN_BATCH_FIELDS, ShardFormatError
+from maskdist.shards.manifest import ShardSet, open_shard_set
+from maskdist.shards.opener import ShardReadError
+from maskdist.shards.tario import iter_samples
+from maskdist.transforms import DecodeError, Transform, build_transform
 
-IMAGE_EXT = "jpg"
-META_EXT = "json"
-_FIELDS = (IMAGE_EXT, META_EXT)
+log = logging.getLogger(__name__)
+DEFAULT_MAX_SKIPPED = 0.05
+
 DEFAULT_SHUFFLE_BUFFER = 1000
 
 
 # --- reading shards -----------------------------------------------------------------------
 
 
-def read_shard(shard_set: ShardSet, relpath: str, start: int = 0, stop: int | None = None) -> Iterator[dict]:
-    """Raw samples ``{"__key__", "__index__", "jpg", "json"}`` of one shard, in order.
+def read_shard(shard_set: ShardSet, shard: dict | str, start: int = 0, stop: int | None = None) -> Iterator[dict]:
+    """Raw samples ``{"__key__", "__index__", "jpg", "json"}`` of one shard (a manifest entry,
+    or a path inside the set), in order, with index in ``[start, stop)``.
 
-    Yields the samples with index in ``[start, stop)``; earlier ones are read past without
-    keeping their bytes. Only ``.jpg`` and ``.json`` members are read; any other regular
-    member is skipped unread (seeked over in a local file, read through in a stream) and
-    never decoded; a link or device member, or anything the strict tar reader
-    (:class:`maskdist.shards.TarReader`) rejects, raises :class:`ShardFormatError`.
+    Only ``.jpg`` and ``.json`` members are read and nothing is decoded here (see
+    :func:`maskdist.shards.tario.iter_samples`); a damaged shard raises ShardFormatError, an
+    unreadable one ShardReadError (after the set's retries, for remote sets).
     """
+    relpath, size = (shard["path"], shard.get("bytes")) if isinstance(shard, dict) else (shard, None)
     if stop is not None and stop <= start:
         return
-    with shard_set.open(relpath) as handle:
-        tar = TarReader(handle, relpath)
-        index, current, current_key = 0, None, None
-        for name, typeflag, _size in tar:
-            if typeflag not in REGULAR_TYPES:
-                if typeflag == DIRECTORY_TYPE:
-                    continue
-                raise ShardFormatError(f"{relpath}: member {name!r} is a link or device, not a file: shards hold"
-                                       " files only (check the set with `maskdist shards verify`)")
-            parts = split_key(name)
-            if parts is None:
-                continue
-            key, ext = parts
-            if ext not in _FIELDS:
-                ext = ext.lower()
-                if ext not in _FIELDS:
-                    continue
-            if key != current_key:
-                if current is not None:
-                    _check_sample(current, relpath)
-                    if index >= start:
-                        yield current
-                    index += 1
-                    if stop is not None and index >= stop:
-                        return
-                current, current_key = {"__key__": key, "__index__": index}, key
-            if ext in current:
-                raise ShardFormatError(f"{relpath}: sample {key!r} has two .{ext} members")
-            current[ext] = tar.read() if index >= start else None
-        if current is not None:
-            _check_sample(current, relpath)
-            if index >= start:
-                yield current
-
-
-def _check_sample(sample: dict, relpath: str) -> None:
-    if IMAGE_EXT not in sample or META_EXT not in sample:
-        raise ShardFormatError(f"{relpath}: sample {sample['__key__']!r} lacks its .{IMAGE_EXT} or .{META_EXT} member")
+    with shard_set.open(relpath, size) as handle:
+        yield from iter_samples(handle, relpath, start, stop)
 
 
 # --- seeds and selections -----------------------------------------------------------------
@@ -251,7 +216,9 @@ class _ShardCache:
         size = int(shard.get("bytes") or 0)
         if not 0 < size <= self.small or self.used + size > self.budget:
             return None
-        samples = list(read_shard(shard_set, path))
+        samples = list(read_shard(shard_set, shard))
+        for sample in samples:
+            sample["__shard__"] = shard
         if len(samples) != shard["samples"]:
             raise ShardFormatError(f"{path}: the manifest lists {shard['samples']} samples, the shard holds {len(samples)}")
         self.shards[path] = samples
@@ -259,26 +226,63 @@ class _ShardCache:
         return samples
 
 
-def _class_stream(shard_set: ShardSet, shards: list[dict], rng: random.Random,
-                  cache: _ShardCache | None = None) -> Iterator[dict]:
+class _ShardHealth:
+    """The shards one worker found unreadable in the current epoch: each is skipped for the
+    rest of the epoch, reported once (path, reason, its sample count) with the next batch."""
+
+    def __init__(self):
+        self.bad: dict[str, str] = {}
+        self._new: list[tuple[str, str, int]] = []
+
+    def is_bad(self, path: str) -> bool:
+        return path in self.bad
+
+    def mark(self, shard: dict, reason: str) -> None:
+        if shard["path"] not in self.bad:
+            self.bad[shard["path"]] = reason
+            self._new.append((shard["path"], reason, int(shard["samples"])))
+
+    def take_new(self) -> list[tuple[str, str, int]]:
+        new, self._new = self._new, []
+        return new
+
+
+def _class_stream(shard_set: ShardSet, shards: list[dict], rng: random.Random, cache: _ShardCache | None = None,
+                  health: _ShardHealth | None = None, cls: int = -1) -> Iterator[dict]:
     """Infinite raw samples of one class: shards in a new random order on every pass, each
-    read from a random start sample round to the one before it (small shards from ``cache``)."""
+    read from a random start sample round to the one before it (small shards from ``cache``).
+
+    A shard that cannot be read (after the set's retries) or is damaged is marked in
+    ``health`` and skipped for the rest of the epoch; mixing goes on with the class's other
+    shards. When every shard of the class is marked the class is lost: MaskdistError.
+    Samples carry their shard entry (``__shard__``) so a sample that fails to decode later can
+    mark it too.
+    """
+    health = health if health is not None else _ShardHealth()
     while True:
         got = 0
         for shard in rng.sample(shards, len(shards)):
             offset = rng.randrange(shard["samples"])
-            cached = cache.get(shard_set, shard) if cache is not None else None
-            if cached is not None:
-                got += len(cached)
-                yield from cached[offset:]
-                yield from cached[:offset]
+            if health.is_bad(shard["path"]):
                 continue
-            for sample in read_shard(shard_set, shard["path"], start=offset):
-                got += 1
-                yield sample
-            for sample in read_shard(shard_set, shard["path"], stop=offset):
-                got += 1
-                yield sample
+            try:
+                cached = cache.get(shard_set, shard) if cache is not None else None
+                if cached is not None:
+                    got += len(cached)
+                    yield from cached[offset:]
+                    yield from cached[:offset]
+                    continue
+                for part in (dict(start=offset), dict(stop=offset)):
+                    for sample in read_shard(shard_set, shard, **part):
+                        sample["__shard__"] = shard
+                        got += 1
+                        yield sample
+            except (ShardFormatError, ShardReadError) as err:
+                health.mark(shard, str(err))
+        if all(health.is_bad(s["path"]) for s in shards):
+            listed = "; ".join(f"{path}: {why}" for path, why in health.bad.items() if path in {s["path"] for s in shards})
+            raise MaskdistError(f"class {cls} lost every one of its {len(shards)} shard(s) in this epoch ({listed[:600]}):"
+                                " check the set with `maskdist shards verify`, then re-copy or rebuild it")
         if got == 0:
             raise ShardFormatError(f"shards {', '.join(s['path'] for s in shards)} yielded no samples although the manifest lists some")
 
@@ -322,26 +326,69 @@ def _uint8_batch(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
 
 
-def _collate(samples: list[dict], transform: Transform, fields: Sequence[str]) -> dict:
-    """Decode and transform raw samples straight into one uint8 NCHW batch (no per-image array
-    and no stacking copy when the transform fixes the output size); labels from the json."""
-    size = transform.output_size
-    if size is None:  # decode only: images must share a size, which np.stack checks
-        images = torch.from_numpy(np.stack([transform.from_jpeg(s[IMAGE_EXT]) for s in samples]))
-    else:
-        images = _uint8_batch((len(samples), 3, *size))
-        slots = images.numpy()
-        for i, sample in enumerate(samples):
-            transform.from_jpeg(sample[IMAGE_EXT], out=slots[i])
-    batch = {"image": images, "key": [s["__key__"] for s in samples]}
-    metas = [json.loads(s[META_EXT]) for s in samples]
-    for name in fields:
-        batch[name] = torch.tensor([int(m[name]) for m in metas], dtype=torch.int64)
-    return batch
+class BadSample(ShardFormatError):
+    """A sample whose image or metadata does not decode; ``shard`` is its shard entry (or None)."""
+
+    def __init__(self, message: str, shard: dict | None = None):
+        super().__init__(message)
+        self.shard = shard
 
 
-TRAIN_FIELDS = ("label", "label_true")
-EVAL_FIELDS = ("row",)
+class _BatchBuilder:
+    """Decodes raw samples straight into one uint8 NCHW batch (no per-image array and no
+    stacking copy when the transform fixes the output size), with the json's label fields."""
+
+    def __init__(self, size: int, transform: Transform, fields: Sequence[str]):
+        self.transform, self.fields = transform, tuple(fields)
+        out = transform.output_size
+        self.images = _uint8_batch((size, 3, *out)) if out is not None else None
+        self.slots = self.images.numpy() if self.images is not None else None
+        self.arrays: list[np.ndarray] = []  # decode only (no fixed size): stacked at the end
+        self.keys: list[str] = []
+        self.values: list[list[int]] = []
+
+    def add(self, sample: dict) -> None:
+        """Decode ``sample`` into the next slot; raises BadSample naming its shard and key."""
+        i = len(self.keys)
+        try:
+            data = sample[IMAGE_EXT]
+            check_jpeg_complete(data)
+            if self.slots is not None:
+                self.transform.from_jpeg(data, out=self.slots[i])
+            else:
+                array = self.transform.from_jpeg(data)
+            meta = json.loads(sample[META_EXT])
+            values = [int(meta[name]) for name in self.fields]
+        except (ImageError, DecodeError, ValueError, KeyError, TypeError, UnicodeDecodeError, cv2.error) as err:
+            shard = sample.get("__shard__")
+            where = shard["path"] if shard else sample.get("__url__", "?")
+            raise BadSample(f"{where}: sample {sample.get('__key__')!r} does not decode ({type(err).__name__}: {err})", shard) from None
+        for name, value in zip(self.fields, values):
+            if name in TRAIN_BATCH_FIELDS and not 0 <= value < NUM_CLASSES:
+                shard = sample.get("__shard__")
+                raise BadSample(f"{shard['path'] if shard else '?'}: sample {sample['__key__']!r} has {name} {value},"
+                                f" outside 0..{NUM_CLASSES - 1}", shard)
+        if self.slots is None:
+            self.arrays.append(array)
+        self.keys.append(sample["__key__"])
+        self.values.append(values)
+
+    def batch(self) -> dict:
+        n = len(self.keys)
+        images = self.images[:n] if self.images is not None else torch.from_numpy(np.stack(self.arrays))
+        batch = {"image": images, "key": self.keys}
+        for j, name in enumerate(self.fields):
+            batch[name] = torch.tensor([v[j] for v in self.values], dtype=torch.int64)
+        return batch
+
+
+def collate(samples: list[dict], transform: Transform, fields: Sequence[str]) -> dict:
+    """Decode and transform raw samples into one uint8 NCHW batch with the json's ``fields``;
+    a sample that does not decode raises BadSample (a ShardFormatError) naming its shard."""
+    builder = _BatchBuilder(len(samples), transform, fields)
+    for sample in samples:
+        builder.add(sample)
+    return builder.batch()
 
 
 class TrainStream(IterableDataset):
@@ -372,11 +419,13 @@ class TrainStream(IterableDataset):
                 raise MaskdistError(f"class {c} has {self.class_counts[c]} samples in the manifest totals but no shard: rebuild the set")
         self.steps = math.ceil(self.samples / (self.batch_size * self.world_size))
         self._epoch = multiprocessing.RawValue("q", -1)  # shared with (persistent) workers; one writer
+        self._start = multiprocessing.RawValue("q", 0)  # the epoch's first batch (> 0 when resumed)
         self._passes = 0  # per-process count of passes, used when set_epoch is never called
         self._cache: _ShardCache | None = None
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self._epoch.value = int(epoch)
+        self._start.value = int(start_step)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -392,28 +441,63 @@ class TrainStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         worker, workers = _worker()
-        epoch = self._epoch.value
+        epoch, start = self._epoch.value, self._start.value
         if epoch < 0:
             epoch = self._passes
         self._passes += 1
         seed = derive_seed(self.seed, self.rank, worker, epoch)
         rng = random.Random(seed)
-        self.transform.set_seed(derive_seed(seed, 1))
         n_batches = self.worker_steps(worker, workers)
         if n_batches == 0:
             return
         if self._cache is None:  # made in the process that iterates (each worker its own)
             self._cache = _ShardCache()
-        streams = {c: _class_stream(self.shard_set, shards, random.Random(derive_seed(seed, 2, c)), self._cache)
+        health = _ShardHealth()  # a skipped shard stays skipped for the rest of this epoch only
+        streams = {c: _class_stream(self.shard_set, shards, random.Random(derive_seed(seed, 2, c)), self._cache, health, c)
                    for c, shards in self.class_shards.items()}
         samples = _shuffled(_mixed(streams, self.probs, rng), self.shuffle_buffer, rng)
+        # The DataLoader takes batches from its workers in turn, starting with worker 0, so the
+        # rank's batch i comes from worker i % workers as its batch i // workers. A resumed
+        # epoch starts at batch `start`: workers before `start % workers` first send a
+        # placeholder (dropped by StreamLoader) so that the turns still match the batch order.
+        if workers > 1 and worker < start % workers and start > 0:
+            yield {RESUME_PADDING: True}
         try:
-            for _ in range(n_batches):
-                yield _collate([next(samples) for _ in range(self.batch_size)], self.transform, TRAIN_FIELDS)
+            for i in range(n_batches):
+                index = i * workers + worker
+                if index < start:  # consumed before the run was interrupted: drawn, not decoded
+                    for _ in range(self.batch_size):
+                        next(samples)
+                    continue
+                # Augmentation seeded per batch: a resumed epoch augments its batches as the
+                # uninterrupted one did, whatever was skipped.
+                self.transform.set_seed(derive_seed(seed, 1, index))
+                batch = self._fill(samples, health)
+                batch["step"] = index
+                skipped = health.take_new()
+                if skipped:
+                    batch[SKIPPED] = skipped
+                yield batch
+        except MaskdistError as err:
+            yield {ERROR: str(err)}  # one line for the user, not a worker traceback
         finally:
             samples.close()
             for s in streams.values():
                 s.close()
+
+    def _fill(self, samples: Iterator[dict], health: _ShardHealth) -> dict:
+        """One batch of decoded samples; a sample that does not decode marks its shard bad
+        (skipped for the rest of the epoch) and the next sample takes its place."""
+        builder = _BatchBuilder(self.batch_size, self.transform, TRAIN_BATCH_FIELDS)
+        while len(builder.keys) < self.batch_size:
+            sample = next(samples)
+            try:
+                builder.add(sample)
+            except BadSample as err:
+                if err.shard is None:
+                    raise
+                health.mark(err.shard, str(err))
+        return builder.batch()
 
 
 # --- the evaluation stream -----------------------------------------------------------------
@@ -476,6 +560,12 @@ class EvalStream(IterableDataset):
         return sum(math.ceil(self.worker_samples(w) / self.batch_size) for w in range(self.workers))
 
     def __iter__(self) -> Iterator[dict]:
+        try:
+            yield from self._batches()
+        except MaskdistError as err:  # one line for the user, not a worker traceback
+            yield {ERROR: f"{err} (evaluation reads every sample, so it stops here)"}
+
+    def _batches(self) -> Iterator[dict]:
         worker, workers = _worker()
         if workers != self.workers:
             raise RuntimeError(f"EvalStream built for {self.workers} workers runs in {workers}")
@@ -489,45 +579,66 @@ class EvalStream(IterableDataset):
             if _kept(end, modulus, residue) == _kept(index, modulus, residue):
                 index = end  # nothing of ours in this shard: do not open it
                 continue
-            for sample in read_shard(self.shard_set, shard["path"]):
+            for sample in read_shard(self.shard_set, shard):
                 mine = index % modulus == residue
                 index += 1
                 if not mine:
                     continue
                 pending.append(sample)
                 if len(pending) == self.batch_size:
-                    yield _collate(pending, self.transform, self.fields)
+                    yield collate(pending, self.transform, self.fields)
                     pending = []
             if index != end:  # the split is exact only if the manifest counts are
                 raise ShardFormatError(f"{shard['path']}: the manifest lists {n} samples, the shard holds a different number")
         if pending:
-            yield _collate(pending, self.transform, self.fields)
+            yield collate(pending, self.transform, self.fields)
 
 
 # --- loaders --------------------------------------------------------------------------------
 
 
+ERROR = "__error__"  # a batch that carries a worker's error message instead of data
+SKIPPED = "__skipped__"  # (path, reason, samples) of shards a worker began to skip, on the next batch
+RESUME_PADDING = "__padding__"  # a placeholder batch that keeps a resumed epoch's batch order
+
+
 class StreamLoader:
-    """A torch DataLoader over a stream, plus ``set_epoch`` and an exact ``len``.
+    """A torch DataLoader over a stream, plus ``set_epoch``, an exact ``len``, worker errors as
+    one-line MaskdistErrors, and the record of skipped shards.
 
     Not a DataLoader subclass on purpose: ``accelerator.prepare`` returns it unchanged
     (preparing would split the already rank-split data again). Iterate it directly.
+
+    ``skipped`` holds the shards this rank's workers skipped in the current epoch (path ->
+    (reason, samples)); each is logged as a warning the first time, and when their samples
+    pass ``max_skipped`` of the epoch's the loader raises MaskdistError.
     """
 
     def __init__(self, dataset: IterableDataset, workers: int, pin_memory: bool = False,
-                 prefetch_factor: int | None = None, multiprocessing_context=None):
+                 prefetch_factor: int | None = None, multiprocessing_context=None, max_skipped: float = DEFAULT_MAX_SKIPPED):
         self.dataset = dataset
         self.workers = int(workers)
+        self.max_skipped = float(max_skipped)
+        self.skipped: dict[str, tuple[str, int]] = {}
+        self._warned: set[str] = set()
         kwargs = {}
         if self.workers > 0:
-            kwargs = dict(persistent_workers=True, worker_init_fn=parallel.init_worker, prefetch_factor=prefetch_factor or 2,
+            kwargs = dict(persistent_workers=True, worker_init_fn=parallel.worker_init(stream=True), prefetch_factor=prefetch_factor or 2,
                           multiprocessing_context=multiprocessing_context or parallel.context())
-        self.loader = DataLoader(dataset, batch_size=None, num_workers=self.workers, pin_memory=pin_memory, **kwargs)
+        # Its own generator: a DataLoader draws a seed from the global torch RNG whenever it
+        # starts iterating, which would shift dropout's random stream between a run and its
+        # resumed copy. The streams seed themselves; this seed is unused by them.
+        self.loader = DataLoader(dataset, batch_size=None, num_workers=self.workers, pin_memory=pin_memory,
+                                 generator=torch.Generator().manual_seed(0), **kwargs)
+        # Before multiprocessing's own exit handler, which would wait for workers that ignore SIGTERM.
+        self._finalizer = weakref.finalize(self, parallel.stop_workers, self.loader)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Call before iterating an epoch (persistent workers read it when the epoch starts)."""
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Call before iterating an epoch (persistent workers read it when the epoch starts);
+        ``start_step``: the first batch to yield (a resumed epoch skips the ones before)."""
+        self.skipped = {}
         if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
+            self.dataset.set_epoch(epoch, start_step)
 
     @property
     def steps(self) -> int:
@@ -537,7 +648,31 @@ class StreamLoader:
         return len(self.dataset)
 
     def __iter__(self) -> Iterator[dict]:
-        return iter(self.loader)  # starts the (persistent) workers the first time
+        for batch in self.loader:  # starts the (persistent) workers the first time
+            if ERROR in batch:
+                raise MaskdistError(batch[ERROR])
+            if RESUME_PADDING in batch:
+                continue
+            skipped = batch.pop(SKIPPED, None)
+            if skipped:
+                self._note_skipped(skipped)
+            yield batch
+
+    def _note_skipped(self, skipped: list[tuple[str, str, int]]) -> None:
+        for path, reason, samples in skipped:
+            if path in self.skipped:
+                continue
+            self.skipped[path] = (reason, samples)
+            if path not in self._warned:
+                self._warned.add(path)
+                log.warning("warning: skipping shard %s for the rest of the epoch (%d samples): %s", path, samples, reason)
+        lost = sum(n for _reason, n in self.skipped.values())
+        total = getattr(self.dataset, "samples", 0)
+        if total and lost > self.max_skipped * total:
+            raise MaskdistError(
+                f"skipped shards hold {lost} of the epoch's {total} samples, more than --max-skipped {self.max_skipped:g}"
+                f" ({', '.join(sorted(self.skipped)[:5])}{' ...' if len(self.skipped) > 5 else ''}): check the set with"
+                " `maskdist shards verify`, re-copy or rebuild it, or raise --max-skipped")
 
     def worker_pids(self) -> list[int]:
         """Process ids of the (started) workers, for monitoring."""
@@ -545,18 +680,15 @@ class StreamLoader:
         return [w.pid for w in getattr(iterator, "_workers", [])] if iterator is not None else []
 
     def close(self) -> None:
-        """Stop the persistent workers now (they also stop when the loader is collected)."""
-        iterator = getattr(self.loader, "_iterator", None)
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
-        self.loader._iterator = None
+        """Stop the workers now (also done when the loader is collected, and at exit)."""
+        self._finalizer()
 
 
 def train_loader(shard_set: ShardSet | str, folds: Iterable[int] | None, batch_size: int, rank: int = 0,
                  world_size: int = 1, workers: int = 4, seed: int = 0, alpha: float = 0.0,
                  transform: Transform | str | None = "recipe", shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
                  extra: bool = True, pin_memory: bool = False, prefetch_factor: int | None = None,
-                 multiprocessing_context=None) -> tuple[StreamLoader, int]:
+                 multiprocessing_context=None, max_skipped: float = DEFAULT_MAX_SKIPPED) -> tuple[StreamLoader, int]:
     """The class-balanced training loader of one rank and its exact steps per epoch.
 
     ``folds``: training folds (None: all; see :func:`folds_except`); ``extra``: include
@@ -564,13 +696,16 @@ def train_loader(shard_set: ShardSet | str, folds: Iterable[int] | None, batch_s
     ``steps = ceil(train_samples / (batch_size * world_size))`` full batches per epoch.
     ``rank``/``world_size`` are taken as given, never from the environment. ``transform``:
     a preset name, a :class:`~maskdist.transforms.Transform`, or None (decode only).
-    Call ``loader.set_epoch(epoch)`` before each epoch.
+    Call ``loader.set_epoch(epoch)`` before each epoch (``set_epoch(epoch, step)`` to resume
+    inside it). An unreadable or damaged shard is skipped for the rest of the epoch and
+    recorded in ``loader.skipped``; ``max_skipped`` (a fraction of the epoch's samples) bounds
+    what may be skipped before the loader raises.
     """
     _check_split_args(batch_size, rank, world_size, workers)
     shard_set, transform = _as_shard_set(shard_set), _as_transform(transform)
     check_stored_size(shard_set, transform)
     dataset = TrainStream(shard_set, folds, batch_size, rank, world_size, seed, alpha, transform, shuffle_buffer, extra=extra)
-    loader = StreamLoader(dataset, workers, pin_memory, prefetch_factor, multiprocessing_context)
+    loader = StreamLoader(dataset, workers, pin_memory, prefetch_factor, multiprocessing_context, max_skipped)
     return loader, dataset.steps
 
 
@@ -580,14 +715,14 @@ def eval_shards(shard_set: ShardSet, fold: int | str) -> tuple[list[dict], tuple
         shards = shard_set.shards("eval")
         if not shards and shard_set.manifest.get("totals", {}).get("eval", 0):
             raise MaskdistError("the manifest counts eval samples but lists no eval shard: rebuild the set")
-        return shards, EVAL_FIELDS
+        return shards, EVAL_BATCH_FIELDS
     try:
         k = int(fold)
     except (TypeError, ValueError):
         raise MaskdistError(f"evaluation selection {fold!r}: expected a fold number or 'eval'") from None
     if not 0 <= k < shard_set.folds:
         raise MaskdistError(f"fold {k} does not exist: the shard set has folds 0..{shard_set.folds - 1}")
-    return shard_set.shards("train", [k], extra=False), TRAIN_FIELDS
+    return shard_set.shards("train", [k], extra=False), TRAIN_BATCH_FIELDS
 
 
 def eval_loader(shard_set: ShardSet | str, fold: int | str, batch_size: int, rank: int = 0, world_size: int = 1,

@@ -649,7 +649,7 @@ def write_dataset(out, *, people=None, scale=None, eval_people=None, seed=0, wor
             finally:
                 cv2.setNumThreads(previous)
         else:
-            with parallel.context().Pool(workers, initializer=parallel.init_worker) as pool:
+            with parallel.pool(workers) as pool:
                 for n in pool.imap_unordered(_run_chunk, tasks):
                     written += n
                     if bar is not None:

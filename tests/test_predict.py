@@ -14,7 +14,7 @@ import torch
 
 from conftest import accelerate_cmd, launch_env, run_launch
 from maskdist import checkpoint, metrics, scoring, stream, transforms
-from maskdist.manifest import open_shard_set
+from maskdist.shards.manifest import open_shard_set
 from maskdist.predict import probs_path
 
 FOLDS = 3

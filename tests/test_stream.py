@@ -26,7 +26,8 @@ import pytest
 from conftest import free_port
 
 from maskdist import stream
-from maskdist.manifest import open_shard_set
+from maskdist.errors import MaskdistError
+from maskdist.shards.manifest import open_shard_set
 
 REPO = Path(__file__).resolve().parents[1]
 FOLDS = 3
@@ -401,12 +402,13 @@ def test_read_shard_skips_folders_and_refuses_links_and_truncation(tiny, tmp_pat
     (root / "cut.tar").write_bytes(whole[:len(whole) // 2])
     with pytest.raises(stream.ShardFormatError, match="cut.tar: .*truncated"):
         list(stream.read_shard(shard_set, "cut.tar"))
-    # a shard cut short makes the loaders fail loudly, not yield less
+    # a shard cut short makes the eval loader fail loudly (one line naming it), not yield less
     first = shard_set.shards("eval")[0]["path"]
     data = (root / first).read_bytes()
     (root / first).write_bytes(data[:len(data) // 3])  # (the last part of a tar can be padding)
-    with pytest.raises(stream.ShardFormatError):
-        list(stream.eval_loader(shard_set, "eval", 4, workers=0, transform=None))
+    for workers in (0, 1):
+        with pytest.raises(MaskdistError, match=f"{first}: .* bytes, the manifest says .*truncated.*evaluation reads every sample"):
+            list(stream.eval_loader(shard_set, "eval", 4, workers=workers, transform=None))
 
 
 def test_worker_batches_equal_in_process_batches(tiny):
@@ -460,9 +462,9 @@ def test_small_shard_cache_changes_nothing_but_the_reads(tiny, monkeypatch):
     reads = Counter()
     real = stream.read_shard
 
-    def counting(shard_set, relpath, start=0, stop=None):
-        reads[relpath] += 1
-        return real(shard_set, relpath, start, stop)
+    def counting(shard_set, shard, start=0, stop=None):
+        reads[shard["path"] if isinstance(shard, dict) else shard] += 1
+        return real(shard_set, shard, start, stop)
 
     monkeypatch.setattr(stream, "read_shard", counting)
     plain, _ = keys(stream._ShardCache(budget=0))

@@ -3,6 +3,7 @@ events read back, atomic checkpoints."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import accelerate_cmd, launch_env, run_launch
 from maskdist import checkpoint, metrics
-from maskdist.manifest import open_shard_set
+from maskdist.shards.manifest import open_shard_set
 
 FAST = ["--model", "test_efficientnet", "--resize", "64", "--crop", "48", "--batch-size", "16", "--workers", "1",
         "--lr", "0.2", "--log-every", "2", "--timeout-s", "120"]
@@ -53,6 +54,7 @@ def ddp_run(small_shards, tmp_path_factory):
 def test_two_process_ddp_trains_and_validates_each_sample_once(ddp_run, small_shards):
     run_dir, result = ddp_run
     assert "2 process(es)" in result.stdout
+    assert re.search(r"^epoch 1: loss [\d.]+, \d+ img/s, data wait [\d.]+%, val macro F1", result.stdout, re.M)
     shard_set = open_shard_set(small_shards)
     oof = pd.read_csv(run_dir / "oof.csv")
     assert oof["key"].is_unique
@@ -90,10 +92,23 @@ def test_tensorboard_events_hold_the_promised_tags(ddp_run):
     assert {"val/confusion", "train/augmented_batch"} <= images
     assert len(values["val/macro_f1"]) == 2  # one per epoch, from the main process only
     assert all(v > 0 for v in values["train/images_per_s"])
-    # the epoch loss is the mean of the epoch's steps: the last running mean logged in the epoch
+    # train/loss is the mean over each log window (2 steps here); the epoch loss is the mean of
+    # the epoch's steps, so the step-weighted mean of its windows
     steps = {tag: [e.step for e in acc.Scalars(tag)] for acc in _events(run_dir) for tag in acc.Tags()["scalars"]}
-    last_in_epoch = [values["train/loss"][steps["train/loss"].index(s)] for s in steps["train/epoch_loss"]]
-    assert values["train/epoch_loss"] == pytest.approx(last_in_epoch, rel=1e-5)
+    assert steps["train/loss"] == [2, 4, 6, 8, 10, 12] and steps["train/epoch_loss"] == [6, 12]
+    windows = list(zip(steps["train/loss"], values["train/loss"]))
+    per_epoch = [np.mean([v for s, v in windows if e * 6 < s <= (e + 1) * 6]) for e in range(2)]
+    assert values["train/epoch_loss"] == pytest.approx(per_epoch, rel=1e-5)
+    # the loop measures itself: every log window, with sane values
+    for tag in ("train/data_wait_frac", "train/step_s", "train/grad_norm", "train/images_per_s_per_process",
+                "memory/main_rss_mb", "memory/loader_worker0_rss_mb", "train/epoch_data_wait_frac"):
+        assert tag in scalars, tag
+    assert all(0.0 <= v <= 1.0 for v in values["train/data_wait_frac"] + values["train/epoch_data_wait_frac"])
+    assert all(0 < v < 60 for v in values["train/step_s"]) and all(np.isfinite(v) and v > 0 for v in values["train/grad_norm"])
+    # 2 processes: all images/s is the sum of both
+    assert all(a > b for a, b in zip(values["train/images_per_s"], values["train/images_per_s_per_process"]))
+    assert all(100 < v < 100_000 for v in values["memory/main_rss_mb"] + values["memory/loader_worker0_rss_mb"])
+    assert values["data/skipped_shards"] == [0.0, 0.0] and values["data/skipped_samples"] == [0.0, 0.0]
     # one cosine over the run (no restarts configured): the lr only falls
     assert all(a > b for a, b in zip(values["train/lr"], values["train/lr"][1:]))
     # hparams live in the fold's own run, with the metric they produced: one run per fold

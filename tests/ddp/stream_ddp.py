@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object
 
 from maskdist import stream
-from maskdist.manifest import open_shard_set
+from maskdist.shards.manifest import open_shard_set
 
 
 def main() -> None:
