@@ -3,7 +3,8 @@
 Both run the same model, loss, optimiser and precision on the same synthetic in-memory
 uint8 batches (no data loading, so the figure isolates the step): maskdist's step goes
 through Accelerate (autocast, accumulation context, the lr set per step, device-side
-normalisation); the bare loop is the textbook ``forward / backward / step`` on the same uint8 batch moved
+normalisation) and the training loop's own measurements (gradient norm, loss and timings
+kept on the device, :class:`maskdist.train.WindowMeter`); the bare loop is the textbook ``forward / backward / step`` on the same uint8 batch moved
 to the device and normalised there. Rounds
 alternate between the two so drift in machine load hits both alike.
 """
@@ -52,11 +53,10 @@ def _sync(device: torch.device) -> None:
 
 def run(model_name: str = "efficientnet_b3", batch_size: int = 32, crop: int = 150, steps: int = 20, warmup: int = 3,
         rounds: int = 3, precision: str = "no", compile_model: bool = False) -> TrainBench:
-    from accelerate import Accelerator
+    from maskdist import distributed
+    from maskdist.train import WindowMeter, train_step
 
-    from maskdist.train import train_step
-
-    accelerator = Accelerator(mixed_precision=precision)
+    accelerator = distributed.make_accelerator(precision)
     device = accelerator.device
     torch.manual_seed(0)
     images = torch.randint(0, 256, (batch_size, 3, crop, crop), dtype=torch.uint8)
@@ -84,8 +84,12 @@ def run(model_name: str = "efficientnet_b3", batch_size: int = 32, crop: int = 1
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
 
+    meter = WindowMeter(device)
+
     def maskdist_step():
-        train_step(accelerator, model, optimizer, loss_fn, batch, mean, std, channels_last, 0.01)
+        waited = time.perf_counter()
+        loss, grad_norm = train_step(accelerator, model, optimizer, loss_fn, batch, mean, std, channels_last, 0.01)
+        meter.add(loss, grad_norm, batch_size, time.perf_counter() - waited)
 
     def bare_step():  # the same input work: uint8 batch to the device, normalised there
         x_bare = (images.to(device).float() / 255 - mean_t) / std_t
