@@ -146,13 +146,20 @@ class MixedLoss(nn.Module):
 
 
 def make_loss(name: str, counts: Sequence[int] | None, weighting: str = "seed", gamma: float = 2.0, label_smoothing: float = 0.0,
-              f1_weight: float = 0.5) -> nn.Module:
+              f1_weight: float = 0.5, heads: str = "single") -> nn.Module:
     """``focal``, ``ce``, ``f1``, ``focal+f1`` or ``ce+f1`` with the chosen class weighting from ``counts``.
 
-    ``f1_weight`` is the soft-F1 share of a ``+f1`` mix.
+    ``f1_weight`` is the soft-F1 share of a ``+f1`` mix. ``heads="parts"`` gives the sum of
+    this loss over the mask, gender and age parts (:class:`maskdist.heads.PartLoss`), each
+    part weighted from its own counts; ``counts`` are the 18 class counts either way.
     """
     if name not in LOSSES:
         raise MaskdistError(f"unknown loss {name!r}: choose one of {', '.join(LOSSES)}")
+    if heads != "single":
+        from maskdist.heads import PartLoss, check_heads  # heads builds on this module
+
+        if check_heads(heads) == "parts":
+            return PartLoss(counts, name, weighting, gamma, label_smoothing, f1_weight)
     if name == "f1":
         return SoftF1Loss()
     weight = None if weighting == "none" or counts is None else class_weights(counts, weighting)

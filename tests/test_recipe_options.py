@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from timm.layers import DropPath
 from torch import nn
 
-from maskdist import labels, losses, metrics
+from maskdist import checkpoint, heads, labels, losses, metrics
 from maskdist.errors import MaskdistError
 from maskdist.model import create_model
 
@@ -118,3 +118,133 @@ def test_focal_plus_f1_mixes_the_two(batch):
         losses.make_loss("dice", COUNTS)
     with pytest.raises(MaskdistError, match="F1 loss weight 1.5"):
         losses.make_loss("focal+f1", COUNTS, f1_weight=1.5)
+
+
+# --- part heads --------------------------------------------------------------------------------
+
+def _brute_force_parts(logits8: torch.Tensor) -> torch.Tensor:
+    pm, pg, pa = (torch.softmax(t, dim=1) for t in (logits8[:, :3], logits8[:, 3:5], logits8[:, 5:]))
+    out = torch.zeros(len(logits8), 18)
+    for c in range(18):
+        m, g, a = labels.decode(c)
+        out[:, c] = pm[:, m] * pg[:, g] * pa[:, a]
+    return out
+
+
+def test_class_probs_are_the_product_of_the_parts():
+    g = torch.Generator().manual_seed(5)
+    logits8 = torch.randn(64, 8, generator=g) * 3
+    probs = heads.class_probs(logits8)
+    assert probs.shape == (64, 18)
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(64))
+    torch.testing.assert_close(probs, _brute_force_parts(logits8))
+    torch.testing.assert_close(heads.probabilities(logits8, "parts"), probs)
+    log_mask, log_gender, log_age = heads.part_log_probs(logits8)
+    assert (log_mask.shape, log_gender.shape, log_age.shape) == ((64, 3), (64, 2), (64, 3))
+    # confident parts: the 18-way argmax decodes to each part's argmax
+    confident = logits8 * 10
+    best = heads.class_probs(confident).argmax(dim=1)
+    for row, label in enumerate(best.tolist()):
+        expected = tuple(int(part[row].argmax()) for part in heads.split_logits(confident))
+        assert labels.decode(label) == expected
+    single = torch.randn(4, 18, generator=g)
+    torch.testing.assert_close(heads.probabilities(single, "single"), torch.softmax(single, dim=1))
+    with pytest.raises(ValueError, match=r"\(N, 8\)"):
+        heads.probabilities(single, "parts")
+    with pytest.raises(MaskdistError, match="unknown heads 'three'"):
+        heads.probabilities(single, "three")
+
+
+def test_part_counts_and_targets_follow_the_label_code():
+    mask, gender, age = heads.part_counts(COUNTS)
+    by_hand = [[0] * 3, [0] * 2, [0] * 3]
+    for c, n in enumerate(COUNTS):
+        for k, part in enumerate(labels.decode(c)):
+            by_hand[k][part] += n
+    assert [mask, gender, age] == by_hand
+    target = torch.arange(18)
+    assert [t.tolist() for t in heads.part_targets(target)] == [list(col) for col in zip(*map(labels.decode, range(18)))]
+    soft = _soft_targets(8, 18)
+    marginals = heads.part_targets(soft)
+    for k, size in enumerate(heads.PART_SIZES):
+        expected = torch.zeros(8, size)
+        for c in range(18):
+            expected[:, labels.decode(c)[k]] += soft[:, c]
+        torch.testing.assert_close(marginals[k], expected)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_part_loss_is_the_sum_of_three_focal_losses(soft):
+    g = torch.Generator().manual_seed(6)
+    logits8 = torch.randn(24, 8, generator=g) * 2
+    target = _soft_targets(24, 18) if soft else torch.randint(0, 18, (24,), generator=g)
+    loss = heads.PartLoss(COUNTS, gamma=2.0, label_smoothing=0.1)
+    expected = 0
+    for k, (start, size) in enumerate(((0, 3), (3, 2), (5, 3))):
+        part_counts = [sum(n for c, n in enumerate(COUNTS) if labels.decode(c)[k] == v) for v in range(size)]
+        if soft:
+            part_target = torch.stack([soft_col for soft_col in (
+                sum(target[:, c] for c in range(18) if labels.decode(c)[k] == v) for v in range(size))], dim=1)
+        else:
+            part_target = torch.tensor([labels.decode(int(c))[k] for c in target])
+        focal = losses.FocalLoss(2.0, losses.class_weights(part_counts), label_smoothing=0.1)
+        expected = expected + focal(logits8[:, start:start + size], part_target)
+    torch.testing.assert_close(loss(logits8, target), expected)
+    via_factory = losses.make_loss("focal", COUNTS, "seed", 2.0, 0.1, heads="parts")
+    torch.testing.assert_close(via_factory(logits8, target), expected)
+
+
+def test_part_heads_init_and_concatenation():
+    torch.manual_seed(0)
+    part_heads = heads.PartHeads(64)
+    layers = part_heads.layers()
+    assert [layer.out_features for layer in layers] == [3, 2, 3]
+    bound = 1 / math.sqrt(64)
+    for layer in layers:
+        assert (layer.bias == 0).all() and layer.weight.abs().max() <= bound + 1e-6 and layer.weight.std() > bound / 4
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(part_heads(x), torch.cat([layer(x) for layer in layers], dim=1))
+
+
+@pytest.fixture(scope="module")
+def parts_model():
+    torch.manual_seed(0)
+    return create_model("test_efficientnet", drop_rate=0.5, warn_random=False, heads="parts")
+
+
+def test_parts_model_outputs_part_logits_with_dropout_before_the_heads(parts_model):
+    assert isinstance(parts_model.get_classifier(), heads.PartHeads)
+    assert isinstance(parts_model, type(timm.create_model("test_efficientnet")))  # still the timm model
+    seen = []
+    hook = parts_model.get_classifier().register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    x = torch.rand(4, 3, 64, 64)
+    try:
+        parts_model.eval()
+        with torch.no_grad():
+            out = parts_model(x)
+        parts_model.train()
+        with torch.no_grad():
+            parts_model(x)
+    finally:
+        hook.remove()
+        parts_model.eval()
+    assert out.shape == (4, 8)
+    assert float((seen[0] == 0).float().mean()) < 0.05
+    assert 0.3 < float((seen[1] == 0).float().mean()) < 0.7  # dropout 0.5 on the head's input
+
+
+def test_parts_model_round_trips_through_a_run_folder(parts_model, tmp_path):
+    card = checkpoint.model_card("test_efficientnet", 64, 48, (0.5,) * 3, (0.25,) * 3, 58, 0, 1, {}, 0.5, heads="parts")
+    checkpoint.save(tmp_path, parts_model, card)
+    loaded, read = checkpoint.load(tmp_path)
+    assert read["heads"] == "parts" and isinstance(loaded.get_classifier(), heads.PartHeads)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), parts_model.eval()(x))
+
+
+def test_heads_argument_errors():
+    with pytest.raises(MaskdistError, match="unknown heads 'both'"):
+        create_model("test_efficientnet", warn_random=False, heads="both")
+    with pytest.raises(MaskdistError, match="not 10"):
+        create_model("test_efficientnet", num_classes=10, warn_random=False, heads="parts")
