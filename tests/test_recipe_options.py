@@ -248,3 +248,17 @@ def test_heads_argument_errors():
         create_model("test_efficientnet", warn_random=False, heads="both")
     with pytest.raises(MaskdistError, match="not 10"):
         create_model("test_efficientnet", num_classes=10, warn_random=False, heads="parts")
+
+
+# --- drop path ---------------------------------------------------------------------------------
+
+def test_drop_path_rate_reaches_the_blocks():
+    def rates(model):
+        return [m.drop_prob for m in model.modules() if isinstance(m, DropPath)]
+
+    with_drop_path = rates(create_model("test_efficientnet", warn_random=False, drop_path_rate=0.2, heads="parts"))
+    # timm scales the rate up with depth: the last blocks get close to 0.2, none above
+    assert with_drop_path and 0.1 < max(with_drop_path) <= 0.2 and min(with_drop_path) > 0
+    assert rates(create_model("test_efficientnet", warn_random=False)) == []
+    with pytest.raises(MaskdistError, match="drop-path rate 1.0"):
+        create_model("test_efficientnet", warn_random=False, drop_path_rate=1.0)
