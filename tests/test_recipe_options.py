@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from timm.layers import DropPath
 from torch import nn
 
-from maskdist import checkpoint, heads, labels, losses, metrics
+from maskdist import checkpoint, heads, labels, losses, metrics, mixing
 from maskdist.errors import MaskdistError
 from maskdist.model import create_model
 
@@ -262,3 +262,91 @@ def test_drop_path_rate_reaches_the_blocks():
     assert rates(create_model("test_efficientnet", warn_random=False)) == []
     with pytest.raises(MaskdistError, match="drop-path rate 1.0"):
         create_model("test_efficientnet", warn_random=False, drop_path_rate=1.0)
+
+
+# --- mixup / cutmix ----------------------------------------------------------------------------
+
+def _images(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def test_disabled_mixer_passes_the_batch_through():
+    mixer = mixing.Mixer(0.0, 0.0, label_smoothing=0.1)
+    x, y = _images(4), torch.tensor([0, 5, 17, 3])
+    before = x.clone()
+    out_x, out_y = mixer(x, y)
+    assert not mixer.enabled and out_x is x and out_y is y and torch.equal(x, before)
+
+
+def test_mixup_mixes_images_and_targets_alike():
+    np.random.seed(0)
+    mixer = mixing.Mixer(mixup_alpha=0.4, label_smoothing=0.0)
+    x, y = _images(8), torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    original = x.clone()
+    out, soft = mixer(x, y)
+    torch.testing.assert_close(soft.sum(dim=1), torch.ones(8))
+    lam = float(soft[0, 0])  # sample 0 is mixed with sample 7
+    assert 0 < lam < 1 and math.isclose(float(soft[0, 7]), 1 - lam, rel_tol=1e-6)
+    torch.testing.assert_close(out, lam * original + (1 - lam) * original.flip(0))
+
+
+@pytest.mark.parametrize("mode", mixing.MODES)
+def test_mixing_is_reproducible_from_numpy_alone(mode):
+    def run(np_seed, torch_seed):
+        np.random.seed(np_seed)
+        torch.manual_seed(torch_seed)
+        mixer = mixing.Mixer(mixup_alpha=0.4, cutmix_alpha=1.0, label_smoothing=0.1, mode=mode)
+        return [mixer(_images(6, i), torch.arange(6) * 3) for i in range(4)]
+
+    first, again, other_torch, other_numpy = run(1, 0), run(1, 7), run(1, 0), run(2, 0)
+    for (xa, ya), (xb, yb), (xc, yc) in zip(first, again, other_torch):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(xa, xc)
+        torch.testing.assert_close(ya.sum(dim=1), torch.ones(6))
+    assert any(not torch.equal(ya, yb) for (_, ya), (_, yb) in zip(first, other_numpy))
+
+
+def test_cutmix_pastes_a_box_with_the_area_share_as_target():
+    np.random.seed(3)
+    mixer = mixing.Mixer(cutmix_alpha=1.0)
+    x = torch.stack([torch.full((3, 16, 16), float(i)) for i in range(4)])
+    out, soft = mixer(x.clone(), torch.arange(4))
+    for i in range(4):
+        share_own = float((out[i] == i).float().mean())
+        assert math.isclose(float(soft[i, i]), share_own, abs_tol=1e-6)
+        assert math.isclose(float(soft[i, 3 - i]), 1 - share_own, abs_tol=1e-6)
+
+
+def test_an_odd_batch_leaves_its_last_sample_unmixed():
+    np.random.seed(0)
+    mixer = mixing.Mixer(mixup_alpha=1.0, label_smoothing=0.1)
+    x, y = _images(5), torch.tensor([0, 1, 2, 3, 17])
+    original = x.clone()
+    out, soft = mixer(x, y)
+    assert soft.shape == (5, 18)
+    torch.testing.assert_close(soft.sum(dim=1), torch.ones(5))
+    assert torch.equal(out[4], original[4])
+    expected_last = torch.full((18,), 0.1 / 18)
+    expected_last[17] += 0.9
+    torch.testing.assert_close(soft[4], expected_last)
+    assert not torch.equal(out[:4], original[:4])  # the even part is mixed
+    np.random.seed(0)
+    single, soft_single = mixer(_images(1), torch.tensor([17]))
+    torch.testing.assert_close(soft_single[0], expected_last)
+
+
+def test_smoothing_moved_to_the_mixer_gives_the_same_loss(batch):
+    # an unmixed batch (prob 0) gets timm's smoothed one-hot targets; without class weights the
+    # loss of those equals the loss smoothing the indices itself
+    logits, target = batch
+    mixer = mixing.Mixer(mixup_alpha=0.2, label_smoothing=0.1, prob=0.0)
+    _, soft = mixer(torch.zeros(32, 3, 4, 4), target)
+    for gamma in (0.0, 2.0):
+        torch.testing.assert_close(losses.FocalLoss(gamma, label_smoothing=0.1)(logits, soft),
+                                   losses.FocalLoss(gamma, label_smoothing=0.1)(logits, target), rtol=1e-5, atol=1e-6)
+
+
+def test_mixer_argument_errors():
+    with pytest.raises(MaskdistError, match="alphas"):
+        mixing.Mixer(mixup_alpha=-1)
+    with pytest.raises(MaskdistError, match="mix mode 'row'"):
+        mixing.Mixer(mixup_alpha=1, mode="row")
