@@ -16,6 +16,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from maskdist import checkpoint, heads, labels, losses, metrics, mixing
+from maskdist.ema import Ema
 from maskdist.errors import MaskdistError
 from maskdist.model import create_model
 
@@ -350,3 +351,78 @@ def test_mixer_argument_errors():
         mixing.Mixer(mixup_alpha=-1)
     with pytest.raises(MaskdistError, match="mix mode 'row'"):
         mixing.Mixer(mixup_alpha=1, mode="row")
+
+
+# --- EMA ---------------------------------------------------------------------------------------
+
+def _tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+
+
+def _sgd_states(model: nn.Module, steps: int, ema: Ema, with_step: bool) -> list[dict]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    g = torch.Generator().manual_seed(1)
+    states = []
+    for step in range(1, steps + 1):
+        model.train()
+        loss = model(torch.randn(8, 3, generator=g)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ema.update(model, step if with_step else None)
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    return states
+
+
+@pytest.mark.parametrize("with_step", [False, True])
+def test_ema_is_the_hand_computed_average(with_step):
+    model = _tiny_model()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    ema = Ema(model, decay=0.8)
+    states = _sgd_states(model, 5, ema, with_step)
+    # without a step every update uses the decay, from the initial weights; with one, timm
+    # copies the model at step 1, then uses the decay
+    expected = {k: v.clone() for k, v in (states[0] if with_step else initial).items()}
+    for state in states[1:] if with_step else states:
+        for k, v in state.items():
+            expected[k] = 0.8 * expected[k] + 0.2 * v if v.is_floating_point() else v.clone()
+    got = ema.module.state_dict()
+    for k, v in expected.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert not torch.allclose(got["0.weight"], model.state_dict()["0.weight"])
+    assert got["1.running_mean"].abs().sum() > 0  # BatchNorm statistics are averaged too
+    assert not ema.module.training
+
+
+def test_ema_warmup_decay():
+    ema = Ema(_tiny_model(), decay=0.99, warmup=True, warmup_power=0.75)
+    assert ema.decay(1) == 0.0
+    assert math.isclose(ema.decay(10), 1 - 10 ** -0.75)
+    assert ema.decay(10**6) == 0.99
+    assert Ema(_tiny_model(), decay=0.99).decay(None) == 0.99
+    with pytest.raises(MaskdistError, match="EMA decay 1.0"):
+        Ema(_tiny_model(), decay=1.0)
+
+
+def test_ema_state_round_trips_through_safetensors_and_torch_save(tmp_path):
+    model = _tiny_model()
+    ema = Ema(model, decay=0.5)
+    _sgd_states(model, 3, ema, with_step=False)
+    state = ema.state_dict()
+    assert state.keys() == model.state_dict().keys() and all(isinstance(v, torch.Tensor) for v in state.values())
+    save_file(state, str(tmp_path / "ema.safetensors"))
+    torch.save(state, tmp_path / "ema.pt")
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        reference = ema.module(x)
+    for loaded in (load_file(str(tmp_path / "ema.safetensors")), torch.load(tmp_path / "ema.pt", weights_only=True)):
+        restored = Ema(_tiny_model(), decay=0.5)
+        with torch.no_grad():
+            assert not torch.allclose(restored.module(x), reference)
+            restored.load_state_dict(loaded)
+            torch.testing.assert_close(restored.module(x), reference)
+        plain = _tiny_model().eval()  # the averaged weights load into a plain model too
+        plain.load_state_dict(loaded)
+        with torch.no_grad():
+            torch.testing.assert_close(plain(x), reference)
