@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from timm.layers import DropPath
 from torch import nn
 
-from maskdist import checkpoint, heads, labels, losses, metrics, mixing
+from maskdist import checkpoint, heads, labels, losses, metrics, mixing, transforms
 from maskdist.ema import Ema
 from maskdist.errors import MaskdistError
 from maskdist.model import create_model
@@ -426,3 +426,60 @@ def test_ema_state_round_trips_through_safetensors_and_torch_save(tmp_path):
         plain.load_state_dict(loaded)
         with torch.no_grad():
             torch.testing.assert_close(plain(x), reference)
+
+
+# --- strong augmentation -----------------------------------------------------------------------
+
+def _jpeg(h: int, w: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(30, 225, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+    rgb = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+    return cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
+
+
+def test_strong_is_uint8_chw_random_and_seeded():
+    t = transforms.build_transform("strong")
+    images = [_jpeg(341, 256, i) for i in range(4)]
+    t.set_seed(5)
+    a = [t.from_jpeg(data) for data in images]
+    assert all(x.dtype == np.uint8 and x.shape == (3, 150, 150) and x.flags["C_CONTIGUOUS"] for x in a)
+    t.set_seed(5)
+    assert all(np.array_equal(x, t.from_jpeg(data)) for x, data in zip(a, images))
+    t.set_seed(6)
+    assert any(not np.array_equal(x, t.from_jpeg(data)) for x, data in zip(a, images))
+    plain = transforms.build_transform("recipe")
+    assert any(not np.array_equal(x, plain.from_jpeg(data)) for x, data in zip(a, images))
+
+
+def test_strong_cutout_zeroes_pixels():
+    # the same pipeline without the dropout (each op has its own seed, so the other ops draw
+    # alike): every pixel that differs is a hole, and holes are black
+    with_holes = transforms.build_transform("strong")
+    without = transforms.build_transform("strong")
+    dropout = without.pipeline.transforms[-1]
+    assert isinstance(dropout, A.CoarseDropout)
+    dropout.p = 0.0
+    with_holes.set_seed(2)
+    without.set_seed(2)
+    zeroed = 0
+    for i in range(6):
+        data = _jpeg(300, 220, i)
+        a, b = with_holes.from_jpeg(data), without.from_jpeg(data)
+        differ = (a != b).any(axis=0)
+        assert (a[:, differ] == 0).all()
+        zeroed += int(differ.sum())
+    assert zeroed >= 15 * 15  # at least one hole of the smallest size
+
+
+def test_ops_nested_in_a_composition_get_their_own_seeds():
+    # albumentations seeds a SomeOf's ops with the SomeOf's seed: two identical ops would draw
+    # identical parameters; set_seed gives each its own
+    pipeline = A.Compose([A.SomeOf([A.RandomBrightnessContrast(p=1), A.RandomBrightnessContrast(p=1)], n=2)],
+                         save_applied_params=True)
+    image = np.full((8, 8, 3), 100, np.uint8)
+    pipeline.set_random_seed(3)
+    same = [params for _, params in pipeline(image=image)["applied_transforms"]]
+    assert same[0]["alpha"] == same[1]["alpha"]  # the albumentations behaviour worked around
+    transforms.Transform("strong", None, None, pipeline).set_seed(3)
+    own = [params for _, params in pipeline(image=image)["applied_transforms"]]
+    assert own[0]["alpha"] != own[1]["alpha"] and own[0]["beta"] != own[1]["beta"]
