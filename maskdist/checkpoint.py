@@ -34,13 +34,16 @@ FORMAT = "maskdist-model"
 FORMAT_VERSION = 1
 
 
-def model_card(architecture: str, resize: int, crop: int, mean, std, age_cut: int, fold: int, epoch: int, metrics: dict, drop_rate: float) -> dict:
+def model_card(architecture: str, resize: int, crop: int, mean, std, age_cut: int, fold: int, epoch: int, metrics: dict, drop_rate: float,
+               heads: str = "single") -> dict:
+    """``heads``: ``single`` (18 logits) or ``parts`` (8 part logits, see :mod:`maskdist.heads`)."""
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "architecture": architecture,
         "num_classes": labels.NUM_CLASSES,
         "drop_rate": drop_rate,
+        "heads": heads,
         "image": {"resize": resize, "crop": crop},
         "normalisation": {"mean": list(mean), "std": list(std)},
         "classes": [labels.class_name(c) for c in range(labels.NUM_CLASSES)],
@@ -90,7 +93,8 @@ def load(run_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, 
     weights = run_dir / WEIGHTS
     if not weights.is_file():
         raise MaskdistError(f"{weights} not found: the fold has no saved weights; train it with `maskdist train`")
-    model = create_model(card["architecture"], card["num_classes"], card.get("drop_rate", 0.0), warn_random=False)
+    model = create_model(card["architecture"], card["num_classes"], card.get("drop_rate", 0.0), warn_random=False,
+                         heads=card.get("heads", "single"))  # cards before part heads have none
     try:
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError) as err:

@@ -1,9 +1,16 @@
-"""Losses: focal loss with class weights (the recipe), cross-entropy, label smoothing.
+"""Losses: focal loss with class weights (the recipe), cross-entropy, label smoothing, soft F1.
 
 Focal loss (Lin et al.): ``-w_y (1 - p_y)^gamma log p_y``, averaged with the class weights
 as torch's weighted cross-entropy averages (divided by the sum of the targets' weights), so
 that ``gamma = 0`` is exactly ``F.cross_entropy(weight=w)``. Label smoothing spreads
 ``smoothing`` of the target mass uniformly over the classes, as torch does.
+
+Targets are class indices (int64 ``(N,)``) or soft targets (float ``(N, C)`` rows summing to
+1, from mixup / cutmix). A soft target is used as given: timm's ``Mixup`` (``mixing.Mixer``)
+has already label-smoothed it, so the loss does not smooth it again.
+
+The soft macro-F1 loss optimises the competition metric directly; ``focal+f1`` mixes it
+with focal loss, which keeps the per-sample signal F1 alone lacks on small batches.
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ from torch import nn
 from maskdist.errors import MaskdistError
 
 CLASS_WEIGHTINGS = ("seed", "inverse", "effective-number", "none")
+LOSSES = ("focal", "ce", "f1", "focal+f1", "ce+f1")
 
 
 def class_weights(counts: Sequence[int], scheme: str = "seed", beta: float = 0.999) -> torch.Tensor:
@@ -62,22 +70,98 @@ class FocalLoss(nn.Module):
         self.register_buffer("weight", None if weight is None else weight.detach().float().clone())
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean loss of class indices ``(N,)`` or soft targets ``(N, C)``.
+
+        A soft target's weight is ``sum_c target[n, c] w_c`` and the mean divides by the sum
+        of those, so a one-hot soft target gives exactly the class-index value. Soft targets
+        are not label-smoothed here (the mixer smoothed them).
+        """
         log_p = F.log_softmax(logits.float(), dim=1)  # float32 even under autocast: logs of small p
         classes = logits.shape[1]
         weight = self.weight if self.weight is not None else log_p.new_ones(classes)
-        soft = F.one_hot(target, classes).to(log_p.dtype)
-        if self.label_smoothing:
-            soft = soft * (1.0 - self.label_smoothing) + self.label_smoothing / classes
+        if target.is_floating_point():
+            soft = _check_soft(target, logits).to(log_p.dtype)
+            total_weight = (soft * weight).sum(dim=1).sum()
+        else:
+            soft = F.one_hot(target, classes).to(log_p.dtype)
+            if self.label_smoothing:
+                soft = soft * (1.0 - self.label_smoothing) + self.label_smoothing / classes
+            total_weight = weight[target].sum()
         modulating = (1.0 - log_p.exp()).pow(self.gamma) if self.gamma else 1.0
         per_sample = -(soft * weight * modulating * log_p).sum(dim=1)
-        return per_sample.sum() / weight[target].sum()
+        return per_sample.sum() / total_weight
 
 
-def make_loss(name: str, counts: Sequence[int] | None, weighting: str = "seed", gamma: float = 2.0, label_smoothing: float = 0.0) -> nn.Module:
-    """``focal`` or ``ce`` with the chosen class weighting from ``counts``."""
+def _check_soft(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    if target.shape != logits.shape:
+        raise ValueError(f"soft targets {tuple(target.shape)} do not match the logits {tuple(logits.shape)}")
+    return target
+
+
+def _as_soft(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Float ``(N, C)`` targets from class indices or soft targets."""
+    if target.is_floating_point():
+        return _check_soft(target, logits).float()
+    return F.one_hot(target, logits.shape[1]).float()
+
+
+class SoftF1Loss(nn.Module):
+    """``1 - `` macro F1 over the classes, with softmax probabilities as soft predictions.
+
+    Per class over the batch: ``TP = sum p t``, ``FP = sum p (1 - t)``, ``FN = sum (1 - p) t``
+    and ``F1 = 2 TP / (2 TP + FP + FN + eps)``. As in the metric (``zero_division = 0``), a
+    class absent from the batch's targets scores 0: it adds a constant to the loss and no
+    gradient (its TP is 0 whatever the probabilities), so the loss stays in [0, 1] and its
+    gradient finite on batches that miss classes. No class weights: the macro mean already
+    weighs every class equally.
+    """
+
+    def __init__(self, eps: float = 1e-6):
+        super().__init__()
+        if not eps > 0:
+            raise MaskdistError(f"soft F1 epsilon {eps} must be positive")
+        self.eps = eps
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(logits.float(), dim=1)
+        t = _as_soft(target, logits)
+        tp = (p * t).sum(dim=0)
+        fp = (p * (1.0 - t)).sum(dim=0)
+        fn = ((1.0 - p) * t).sum(dim=0)
+        f1 = 2.0 * tp / (2.0 * tp + fp + fn + self.eps)
+        return 1.0 - f1.mean()
+
+
+class MixedLoss(nn.Module):
+    """``(1 - f1_weight) * base + f1_weight * soft F1``."""
+
+    def __init__(self, base: nn.Module, f1: nn.Module, f1_weight: float):
+        super().__init__()
+        if not 0.0 <= f1_weight <= 1.0:
+            raise MaskdistError(f"F1 loss weight {f1_weight} must be in [0, 1]")
+        self.base, self.f1, self.f1_weight = base, f1, float(f1_weight)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (1.0 - self.f1_weight) * self.base(logits, target) + self.f1_weight * self.f1(logits, target)
+
+
+def make_loss(name: str, counts: Sequence[int] | None, weighting: str = "seed", gamma: float = 2.0, label_smoothing: float = 0.0,
+              f1_weight: float = 0.5, heads: str = "single") -> nn.Module:
+    """``focal``, ``ce``, ``f1``, ``focal+f1`` or ``ce+f1`` with the chosen class weighting from ``counts``.
+
+    ``f1_weight`` is the soft-F1 share of a ``+f1`` mix. ``heads="parts"`` gives the sum of
+    this loss over the mask, gender and age parts (:class:`maskdist.heads.PartLoss`), each
+    part weighted from its own counts; ``counts`` are the 18 class counts either way.
+    """
+    if name not in LOSSES:
+        raise MaskdistError(f"unknown loss {name!r}: choose one of {', '.join(LOSSES)}")
+    if heads != "single":
+        from maskdist.heads import PartLoss, check_heads  # heads builds on this module
+
+        if check_heads(heads) == "parts":
+            return PartLoss(counts, name, weighting, gamma, label_smoothing, f1_weight)
+    if name == "f1":
+        return SoftF1Loss()
     weight = None if weighting == "none" or counts is None else class_weights(counts, weighting)
-    if name == "focal":
-        return FocalLoss(gamma=gamma, weight=weight, label_smoothing=label_smoothing)
-    if name == "ce":
-        return FocalLoss(gamma=0.0, weight=weight, label_smoothing=label_smoothing)
-    raise MaskdistError(f"unknown loss {name!r}: choose focal or ce")
+    base = FocalLoss(gamma=gamma if name.startswith("focal") else 0.0, weight=weight, label_smoothing=label_smoothing)
+    return MixedLoss(base, SoftF1Loss(), f1_weight) if name.endswith("+f1") else base

@@ -13,6 +13,9 @@ Presets (:func:`build_transform`, ``resize``/``crop`` configurable):
 * ``recipe``: Resize(224x224) then CenterCrop(150x150), the seed recipe's training transform
   (it beat heavier augmentation there) and the default.
 * ``light``: ``recipe`` plus horizontal flip, a small shift/scale/rotate and colour jitter.
+* ``strong``: ``recipe`` plus horizontal flip, two ops drawn from a RandAugment-like list
+  (rotate, shear, shift, brightness/contrast, saturation, equalise, posterise, sharpen,
+  auto-contrast) and CoarseDropout (cutout) with black holes (0 in uint8).
 * ``none``: the evaluation transform: ``recipe``'s geometry without randomness.
 
 Random transforms are seeded by the loader per rank, worker and epoch
@@ -29,7 +32,8 @@ import torch
 
 from maskdist.images import jpeg_frame
 
-PRESETS = ("recipe", "light", "none")
+PRESETS = ("recipe", "light", "strong", "none")
+_GEOMETRY_ONLY = ("recipe", "none")  # presets from_jpeg runs without albumentations
 DEFAULT_RESIZE = 224
 DEFAULT_CROP = 150
 # Normalisation of the competition's reference code (the seed recipe), in 0..1 units.
@@ -103,12 +107,15 @@ class Transform:
     def set_seed(self, seed: int) -> None:
         """Reseed all random ops. Each op gets its own seed: albumentations' ``set_random_seed``
         gives every op the same one, so their coin flips would be identical (flip, affine
-        and jitter always applied together)."""
+        and jitter always applied together). Ops nested in ``SomeOf``/``OneOf`` get their
+        own seeds too (the pipeline, then each op, in depth-first order; a flat pipeline gets
+        the same seeds as before nesting was handled)."""
         if self.pipeline is None:
             return
-        seeds = np.random.SeedSequence(int(seed) % (2**63)).generate_state(len(self.pipeline.transforms) + 1)
-        self.pipeline.set_random_seed(int(seeds[0]))
-        for op, op_seed in zip(self.pipeline.transforms, seeds[1:]):
+        ops = list(_walk(self.pipeline))
+        seeds = np.random.SeedSequence(int(seed) % (2**63)).generate_state(len(ops))
+        for op, op_seed in zip(ops, seeds):
+            # a composition passes its seed on to its ops: parents first, so each op keeps its own
             op.set_random_seed(int(op_seed))
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
@@ -129,7 +136,7 @@ class Transform:
         ``out``: a uint8 ``(3, h, w)`` array to write the result into (a slot of a batch), which
         saves a copy; it is returned.
         """
-        if self.preset == "light":
+        if self.preset not in _GEOMETRY_ONLY:
             chw = self(decode_jpeg(data, self.decode_target))
             if out is None:
                 return chw
@@ -154,6 +161,17 @@ class Transform:
         return out
 
 
+def _walk(op):
+    """``op`` and, depth first, every op nested in it if it is a composition (Compose, SomeOf,
+    OneOf...; some single ops, such as ColorJitter, also have a ``transforms`` list, of functions)."""
+    from albumentations import BaseCompose
+
+    yield op
+    if isinstance(op, BaseCompose):
+        for child in op.transforms:
+            yield from _walk(child)
+
+
 def _pair(value: int | Sequence[int] | None) -> tuple[int, int] | None:
     if value is None:
         return None
@@ -165,7 +183,7 @@ def _pair(value: int | Sequence[int] | None) -> tuple[int, int] | None:
 
 def build_transform(preset: str = "recipe", resize: int | Sequence[int] | None = DEFAULT_RESIZE,
                     crop: int | Sequence[int] | None = DEFAULT_CROP, seed: int | None = None) -> Transform:
-    """A preset (``recipe``, ``light``, ``none``) with resize / crop sizes (int or (h, w)).
+    """A preset (``recipe``, ``light``, ``strong``, ``none``) with resize / crop sizes (int or (h, w)).
 
     ``resize=None`` skips the resize and ``crop=None`` the centre crop (all images must then
     share a size to be batched).
@@ -188,6 +206,25 @@ def build_transform(preset: str = "recipe", resize: int | Sequence[int] | None =
             A.Affine(translate_percent=(-0.05, 0.05), scale=(0.95, 1.05), rotate=(-10, 10),
                      border_mode=cv2.BORDER_REFLECT_101, p=0.5),
             A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.5),
+        ]
+    if preset == "strong":
+        reflect = dict(border_mode=cv2.BORDER_REFLECT_101, p=1.0)
+        ops += [
+            A.HorizontalFlip(p=0.5),
+            # RandAugment-like: two ops a sample, each at a fixed moderate magnitude range
+            A.SomeOf([
+                A.Affine(rotate=(-15, 15), **reflect),
+                A.Affine(shear=(-10, 10), **reflect),
+                A.Affine(translate_percent=(-0.1, 0.1), **reflect),
+                A.RandomBrightnessContrast(brightness_limit=0.3, contrast_limit=0.3, p=1.0),
+                A.ColorJitter(brightness=0.0, contrast=0.0, saturation=0.4, hue=0.0, p=1.0),
+                A.Equalize(p=1.0),
+                A.Posterize(num_bits=(4, 6), p=1.0),
+                A.Sharpen(p=1.0),
+                A.AutoContrast(p=1.0),
+            ], n=2, p=1.0),
+            A.CoarseDropout(num_holes_range=(1, 3), hole_height_range=(0.1, 0.25), hole_width_range=(0.1, 0.25),
+                            fill=0, p=0.5),
         ]
     pipeline = A.Compose(ops, seed=seed) if ops else None
     return Transform(preset, resize, crop, pipeline)
