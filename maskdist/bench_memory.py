@@ -102,6 +102,8 @@ def watch(command: Sequence[str], every: float = 1.0) -> MemoryTrace:
                     rss = member.memory_info().rss / 2**20
                 except psutil.Error:
                     continue
+                if rss <= 0:  # exited, not yet reaped
+                    continue
                 trace = traces.get(key)
                 if trace is None:
                     trace = traces[key] = ProcessTrace(member.pid, _role(member, proc.pid))

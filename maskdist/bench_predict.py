@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from maskdist import distributed, transforms
+from maskdist import distributed, heads, transforms
 from maskdist.predict import ShardEval, ensemble_probs, load_ensemble
 
 
@@ -80,7 +80,7 @@ def bench_predict(runs: Sequence[str | Path], shards: str, info_csv: str | Path 
                 for member in ensemble.members:
                     for view in ([x, torch.flip(x, dims=[3])] if views == 2 else [x]):
                         with accelerator.autocast():
-                            torch.softmax(member.model(view).float(), dim=1).cpu()
+                            heads.probabilities(member.model(view), member.card.get("heads", "single")).cpu()
                 n += len(images)
         return n
 

@@ -213,12 +213,16 @@ def oof(experiment, as_json):
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option("--precision", type=click.Choice(["no", "bf16", "fp16"]), default="no", show_default=True)
 @click.option("--timeout-s", type=int, default=1800, show_default=True, help="Collective-operation timeout (a hung rank becomes an error).")
-def pseudo_label(runs, images_dir, out, min_confidence, age_from_filename, batch_size, workers, precision, timeout_s):
+@click.option("--part-confidence", default=None,
+              help="Per-part thresholds on the chosen part's probability, e.g. mask=0.5,gender=0.9,age=0.8.")
+def pseudo_label(runs, images_dir, out, min_confidence, age_from_filename, batch_size, workers, precision, timeout_s,
+                 part_confidence):
     """Label outside images with the fold ensemble; the CSV feeds `shards build --extra`."""
     from maskdist import pseudo
 
     report = pseudo.pseudo_label([runs], images_dir, out, min_confidence, age_from_filename, batch_size, workers,
-                                 precision=precision, timeout_s=timeout_s)
+                                 precision=precision, timeout_s=timeout_s,
+                                 part_confidence=pseudo.parse_part_confidence(part_confidence))
     click.echo(report.describe())
 
 
@@ -498,3 +502,23 @@ def bench_memory_cmd(every, csv_path, command):
     click.echo(trace.describe())
     if trace.returncode != 0:
         sys.exit(trace.returncode if 0 < trace.returncode < 256 else 1)
+
+
+@bench.command("options", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("shards")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder of the runs (re-running continues).")
+@click.option("--variants", default=",".join(["recipe", "ema", "parts", "focal+f1", "mixup+cutmix", "drop-path", "strong-augment", "strong"]),
+              show_default=True, help="Which variants, comma-separated.")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Seeds, comma-separated.")
+@click.option("--config", "config_file", default="cpu_fast", show_default=True, help="Base train preset or YAML file.")
+@click.option("--fold", type=int, default=0, show_default=True)
+@click.option("--markdown", is_flag=True, help="Print the table as markdown.")
+@click.pass_context
+def bench_options_cmd(ctx, shards, out, variants, seeds, config_file, fold, markdown):
+    """Each recipe option alone, and all of them, vs the recipe: validation macro and part F1
+    over seeds. Extra options go to every `maskdist train` run (e.g. --epochs 1)."""
+    from maskdist import bench_options as bench_api
+
+    result = bench_api.bench_options(shards, out, [v for v in variants.split(",") if v], _int_list(seeds), config_file,
+                                     fold, list(ctx.args), echo=click.echo)
+    click.echo(result.describe(markdown=markdown))

@@ -33,19 +33,27 @@ class TrainConfig:
     max_skipped: float = _opt(0.05, "Stop when unreadable shards skipped in an epoch hold more than this fraction of its samples.")
     read_tries: int = _opt(5, "Attempts per remote shard read (http(s), pipe:, other URLs) before the shard is skipped.")
     read_backoff_s: float = _opt(1.0, "Wait before the second attempt of a remote read; doubles with each further one (at most 30 s).")
-    augment: str = _opt("recipe", "Augmentation preset.", ("recipe", "light", "none"))
+    augment: str = _opt("recipe", "Augmentation preset (strong: RandAugment-like ops and cutout).", ("recipe", "light", "strong", "none"))
     resize: int = _opt(224, "Resize both sides to this before cropping.")
     crop: int = _opt(150, "Centre-crop size fed to the model.")
     # model
     model: str = _opt("efficientnet_b3", "timm architecture name.")
     pretrained: str = _opt("", "Local pretrained weights file (.safetensors/.pth); empty: random init.")
     drop_rate: float = _opt(0.4, "Dropout before the classifier.")
+    drop_path: float = _opt(0.0, "Stochastic depth (timm's drop_path_rate, the deepest block's); 0: off.")
+    heads: str = _opt("single", "One 18-way head, or mask (3), gender (2) and age (3) heads whose probabilities multiply.",
+                      ("single", "parts"))
+    ema_decay: float = _opt(0.0, "Keep an EMA of the weights with this decay (e.g. 0.999) and validate it too; 0: off.")
     compile: bool = _opt(False, "torch.compile the model.")
     # loss
-    loss: str = _opt("focal", "Loss function.", ("focal", "ce"))
+    loss: str = _opt("focal", "Loss function: focal, cross-entropy, soft macro-F1, or a mix with it.",
+                     ("focal", "ce", "f1", "focal+f1", "ce+f1"))
+    f1_weight: float = _opt(0.5, "Share of the soft macro-F1 term in focal+f1 and ce+f1.")
     gamma: float = _opt(2.0, "Focal loss gamma.")
     class_weights: str = _opt("seed", "Class weights from the training folds' counts.", ("seed", "inverse", "effective-number", "none"))
-    label_smoothing: float = _opt(0.0, "Label smoothing.")
+    label_smoothing: float = _opt(0.0, "Label smoothing (done by mixup/cutmix when they are on).")
+    mixup: float = _opt(0.0, "Mixup alpha (timm's Mixup); 0: off.")
+    cutmix: float = _opt(0.0, "CutMix alpha (timm's Mixup); 0: off. With both on, each batch is one or the other.")
     # optimisation
     epochs: int = _opt(10, "Epochs; an epoch is ceil(training samples / global batch) steps.")
     batch_size: int = _opt(64, "Batch per process.")
@@ -88,10 +96,14 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise MaskdistError(f"--{_flag(name)} must be positive (got {getattr(self, name)})")
-        not_negative = ("max_skipped", "read_backoff_s", "checkpoint_every", "checkpoint_minutes", "max_steps", "workers")
+        not_negative = ("max_skipped", "read_backoff_s", "checkpoint_every", "checkpoint_minutes", "max_steps", "workers",
+                        "mixup", "cutmix", "drop_path", "ema_decay")
         for name in not_negative:
             if getattr(self, name) < 0:
                 raise MaskdistError(f"--{_flag(name)} must be 0 or more (got {getattr(self, name)})")
+        if not 0.0 <= self.f1_weight <= 1.0 or not 0.0 <= self.ema_decay < 1.0 or not 0.0 <= self.drop_path < 1.0:
+            raise MaskdistError(f"--f1-weight {self.f1_weight} must be in [0, 1], --ema-decay {self.ema_decay} and"
+                                f" --drop-path {self.drop_path} in [0, 1)")
         if self.crop > self.resize:
             raise MaskdistError(f"--crop {self.crop} is larger than --resize {self.resize}")
         if not self.shards:

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from maskdist import checkpoint, distributed, layout, parallel, stream, transforms
+from maskdist import checkpoint, distributed, heads, layout, parallel, stream, transforms
 from maskdist.errors import MaskdistError
 from maskdist.fileio import atomic_path
 from maskdist.images import ImageError, decode_rgb
@@ -170,7 +170,7 @@ def ensemble_probs(ensemble: Ensemble, loader, device, tta: str = "none", autoca
                 probs = 0
                 for view in views:
                     with autocast():
-                        probs = probs + torch.softmax(member.model(view).float(), dim=1)
+                        probs = probs + heads.probabilities(member.model(view), member.card.get("heads", "single"))
                 per_fold.append((probs / len(views)).cpu())
             stacked = torch.stack(per_fold, dim=1)  # N x folds x classes
             mixed = (stacked * weights.view(1, -1, 1)).sum(dim=1)

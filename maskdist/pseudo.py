@@ -30,16 +30,42 @@ class PseudoReport:
     unreadable: list[tuple[str, str]] = field(default_factory=list)
     age_from_name: int = 0
     age_not_in_name: int = 0
+    low_part_confidence: dict = field(default_factory=dict)  # part -> images dropped below its threshold
     out: str = ""
 
     def describe(self) -> str:
         lines = [f"pseudo-labelled {self.labelled} of {self.images} images -> {self.out}",
-                 f"  dropped below the confidence threshold: {self.low_confidence}",
+                 f"  dropped below the confidence threshold: {self.low_confidence}"
+                 + "".join(f"; below the {part} threshold: {n}" for part, n in self.low_part_confidence.items()),
                  f"  unreadable, skipped: {len(self.unreadable)}"]
         lines += [f"    {path}: {why}" for path, why in self.unreadable[:10]]
         if self.age_from_name or self.age_not_in_name:
             lines.append(f"  age from the file name: {self.age_from_name}; name without an age (model's age group kept): {self.age_not_in_name}")
         return "\n".join(lines)
+
+
+PART_AXES = {"mask": 0, "gender": 1, "age": 2}  # axes of the (3, 2, 3) class probabilities
+
+
+def _part_probability(probs: np.ndarray, part: str, value: int) -> float:
+    """P(part = value) from (mask, gender, age group) class probabilities."""
+    axis = PART_AXES[part]
+    others = tuple(a for a in range(3) if a != axis)
+    return float(probs.sum(axis=others)[value])
+
+
+def parse_part_confidence(text: str | None) -> dict[str, float]:
+    """``"mask=0.5,gender=0.9,age=0.8"`` -> {"mask": 0.5, ...}."""
+    out = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        part, _, value = item.partition("=")
+        try:
+            out[part.strip()] = float(value)
+        except ValueError:
+            raise MaskdistError(f"--part-confidence {text!r}: expected part=threshold pairs, e.g. mask=0.5,gender=0.9,age=0.8") from None
+    return out
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -64,12 +90,23 @@ def pseudo_label(
     precision: str = "no",
     timeout_s: int = distributed.DEFAULT_TIMEOUT_S,
     accelerator=None,
+    part_confidence: dict[str, float] | None = None,
 ) -> PseudoReport:
-    """Label the images of ``images_dir`` with the ensemble; write ``out`` (an extra-data CSV)."""
+    """Label the images of ``images_dir`` with the ensemble; write ``out`` (an extra-data CSV).
+
+    An image is kept when the ensemble's confidence in its label is at least
+    ``min_confidence`` and, for each part in ``part_confidence`` (``mask``, ``gender``,
+    ``age``), the probability of the chosen part value (summed over the other parts) is at
+    least that part's threshold; the age threshold does not apply to an age read from the
+    file name.
+    """
+    part_confidence = dict(part_confidence or {})
+    unknown = set(part_confidence) - set(PART_AXES)
+    if unknown or not all(0.0 <= v <= 1.0 for v in part_confidence.values()) or not 0.0 <= min_confidence <= 1.0:
+        raise MaskdistError(f"confidence thresholds {dict(part_confidence, all=min_confidence)}: each must be between 0 and 1,"
+                            f" for parts {', '.join(PART_AXES)}")
     if accelerator is None:
         accelerator = distributed.make_accelerator(precision, timeout_s)
-    if not 0.0 <= min_confidence <= 1.0:
-        raise MaskdistError(f"--min-confidence {min_confidence} must be between 0 and 1")
     pattern = None
     if age_from_filename:
         try:
@@ -108,6 +145,13 @@ def pseudo_label(
             report.age_not_in_name += pattern is not None
         if confidence < min_confidence:
             report.low_confidence += 1
+            continue
+        chosen = {"mask": int(mask), "gender": int(gender), "age": None if match else int(group)}
+        low = [part for part, threshold in part_confidence.items()
+               if chosen[part] is not None and _part_probability(probs, part, chosen[part]) < threshold]
+        if low:
+            for part in low:
+                report.low_part_confidence[part] = report.low_part_confidence.get(part, 0) + 1
             continue
         label = labels.label_of(int(mask), int(gender), age) if age != "" else labels.encode(int(mask), int(gender), int(group))
         records.append({"path": os.path.relpath(path.resolve(), out.resolve().parent), "mask": int(mask),

@@ -31,12 +31,15 @@ import pandas as pd
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from maskdist import checkpoint, config as config_mod, distributed, labels, losses, metrics, monitor, parallel, stream, transforms
+from maskdist import checkpoint, config as config_mod, distributed, heads, labels, losses, metrics, monitor, parallel, stream, transforms
 from maskdist.checkpoint import CONFIG, MODEL_JSON, OOF, STATE, TENSORBOARD, TRAINER_STATE
 from maskdist.errors import MaskdistError
 from maskdist.fileio import atomic_path, atomic_write_json, dir_exists, recover_dir, replace_dir
+from maskdist.ema import Ema
+from maskdist.mixing import Mixer
 from maskdist.model import create_model, normalisation, prepare_for_device
 from maskdist.preemption import Preempted, Preemption
 from maskdist.schedule import WarmRestarts, scaled_lr
@@ -56,19 +59,20 @@ def make_optimizer(cfg: config_mod.TrainConfig, model: torch.nn.Module, lr: floa
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def evaluate(accelerator: Accelerator, model, loader, mean, std, channels_last: bool) -> pd.DataFrame:
+def evaluate(accelerator: Accelerator, model, loader, mean, std, channels_last: bool, head_kind: str = "single") -> pd.DataFrame:
     """Probabilities of every sample of ``loader`` exactly once, gathered from all ranks by key.
 
     Each rank predicts its own share with the unwrapped model (ranks may hold different
     counts, so no collective runs inside the loop), then ``gather_object`` collects the
-    (key, probabilities, labels) rows and duplicates are dropped by key.
+    (key, probabilities, labels) rows and duplicates are dropped by key. ``head_kind``: the
+    model's heads (18-class probabilities either way, :func:`maskdist.heads.probabilities`).
     """
     model.eval()
     rows = []
     with torch.no_grad(), accelerator.autocast():
         for batch in loader:
             x = transforms.to_device(batch["image"], accelerator.device, mean, std, channels_last)
-            probs = torch.softmax(model(x).float(), dim=1).cpu().numpy()
+            probs = heads.probabilities(model(x), head_kind).cpu().numpy()
             for i, key in enumerate(batch["key"]):
                 rows.append((key, int(batch["label"][i]), int(batch["label_true"][i]), probs[i].astype(np.float32)))
     gathered = distributed.gather_rows(rows, accelerator)
@@ -85,9 +89,11 @@ def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
 
 
 def train_step(accelerator: Accelerator, model, optimizer, loss_fn, batch: dict, mean, std, channels_last: bool,
-               lr: float, clip_grad: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One micro-batch: normalise on the device, forward under autocast, backward; on the
-    last micro-batch of an accumulation window set the lr, clip and step.
+               lr: float, clip_grad: float = 0.0, mixer: Mixer | None = None, ema: Ema | None = None,
+               optimizer_step: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One micro-batch: normalise on the device, mix (mixup/cutmix, soft targets), forward
+    under autocast, backward; on the last micro-batch of an accumulation window set the lr,
+    clip, step, and fold the new weights into the EMA (``optimizer_step``: steps done after it).
 
     Returns the loss and, on optimiser steps, the gradient norm before clipping (what
     clipping returns, or computed the same way when clipping is off), both still on the
@@ -95,6 +101,8 @@ def train_step(accelerator: Accelerator, model, optimizer, loss_fn, batch: dict,
     """
     x = transforms.to_device(batch["image"], accelerator.device, mean, std, channels_last)
     y = batch["label"].to(accelerator.device, non_blocking=True)
+    if mixer is not None:
+        x, y = mixer(x, y)
     grad_norm = None
     with accelerator.accumulate(model):
         with accelerator.autocast():
@@ -111,6 +119,9 @@ def train_step(accelerator: Accelerator, model, optimizer, loss_fn, batch: dict,
                 grad_norm = _grad_norm(model)
         optimizer.step()  # a no-op inside an accumulation window (accelerate's wrapper)
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None and accelerator.sync_gradients:
+            # every rank holds the same weights after a DDP step, so every rank's EMA is the same
+            ema.update(accelerator.unwrap_model(model), optimizer_step)
     return loss.detach(), grad_norm
 
 
@@ -133,6 +144,21 @@ def _load_trainer_state(run_dir: Path) -> dict | None:
     return json.loads((state_dir / TRAINER_STATE).read_text())
 
 
+def ema_file(rank: int) -> str:
+    """The EMA weights of ``rank`` inside the state folder."""
+    return f"ema-rank{rank}.safetensors"
+
+
+def _load_ema(run: "Run", state_dir: Path) -> None:
+    if run.ema is None:
+        return
+    path = state_dir / ema_file(run.accelerator.process_index)
+    if not path.is_file():
+        raise MaskdistError(f"{state_dir} holds no EMA weights but this run keeps an EMA (--ema-decay"
+                            f" {run.cfg.ema_decay}): resume with the options the run started with")
+    run.ema.load_state_dict(load_file(str(path), device=str(run.accelerator.device)))
+
+
 def has_state(run_dir: Path) -> bool:
     """The fold has a resumable state (``--resume`` continues it)."""
     return dir_exists(Path(run_dir) / STATE)
@@ -153,9 +179,10 @@ def fold_finished(run_dir: Path) -> bool:
     return trainer is not None and _epoch_done(trainer) and trainer.get("epoch", -1) >= epochs - 1
 
 
-def _save_state(accelerator: Accelerator, run_dir: Path, trainer_state: dict) -> float:
-    """``accelerator.save_state`` into a temporary folder, swapped in when complete (a kill
-    during the save leaves the previous state); returns the seconds it took."""
+def _save_state(accelerator: Accelerator, run_dir: Path, trainer_state: dict, ema: Ema | None = None) -> float:
+    """``accelerator.save_state`` (model, optimiser, scaler, every rank's RNG states) and the
+    EMA weights (safetensors: loading runs no code) into a temporary folder, swapped in when
+    complete (a kill during the save leaves the previous state); returns the seconds it took."""
     started = time.perf_counter()
     tmp = run_dir / (STATE + ".tmp")
     if accelerator.is_main_process and tmp.exists():
@@ -163,6 +190,9 @@ def _save_state(accelerator: Accelerator, run_dir: Path, trainer_state: dict) ->
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
+    if ema is not None:  # each rank's own (their BatchNorm statistics differ within an epoch)
+        save_file(ema.state_dict(), str(tmp / ema_file(accelerator.process_index)))
+        accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(tmp / TRAINER_STATE, trainer_state)
         replace_dir(tmp, run_dir / STATE)
@@ -286,6 +316,8 @@ class Run:
     channels_last: bool
     steps_per_epoch: int
     optimizer_steps_per_epoch: int
+    mixer: Mixer | None = None  # mixup / cutmix, when on
+    ema: Ema | None = None  # the EMA of the weights, when on
     writer: object = None  # TensorBoard's SummaryWriter, on the main process when logging
     batch_log: object = None
 
@@ -297,10 +329,13 @@ class Run:
     def run_dir(self) -> Path:
         return self.cfg.run_dir()
 
+    def optimizer_step(self, epoch: int, step: int) -> int:
+        """Optimiser steps done once training step ``step`` (0-based) of ``epoch`` is done."""
+        return epoch * self.optimizer_steps_per_epoch + (step + 1) // self.cfg.grad_accum
+
     def lr(self, epoch: int, step: int) -> float:
         """The schedule's lr for training step ``step`` (0-based) of ``epoch``."""
-        optimizer_step = epoch * self.optimizer_steps_per_epoch + (step + 1) // self.cfg.grad_accum
-        return self.schedule.lr(optimizer_step / self.optimizer_steps_per_epoch)
+        return self.schedule.lr(self.optimizer_step(epoch, step) / self.optimizer_steps_per_epoch)
 
     def close(self) -> None:
         if self.batch_log is not None:
@@ -336,11 +371,16 @@ def setup(cfg: config_mod.TrainConfig, log_dir: Path | None = None) -> Run:
 
     set_seed(cfg.seed)  # same init on every rank; the streams seed per rank and worker themselves
     model = create_model(cfg.model, drop_rate=cfg.drop_rate, pretrained_file=cfg.pretrained or None,
-                         warn_random=accelerator.is_main_process)
+                         warn_random=accelerator.is_main_process, drop_path_rate=cfg.drop_path, heads=cfg.heads)
     mean, std = normalisation(model)
     channels_last = accelerator.device.type == "cuda"
     model = prepare_for_device(model, accelerator.device, cfg.compile)
-    loss_fn = losses.make_loss(cfg.loss, counts, cfg.class_weights, cfg.gamma, cfg.label_smoothing).to(accelerator.device)
+    loss_fn = losses.make_loss(cfg.loss, counts, cfg.class_weights, cfg.gamma, cfg.label_smoothing, f1_weight=cfg.f1_weight,
+                               heads=cfg.heads).to(accelerator.device)
+    mixer = Mixer(cfg.mixup, cfg.cutmix, cfg.label_smoothing)
+    # timm's Mixup draws from numpy's global RNG: its own stream on each rank (accelerate's
+    # saved state carries it across a resume)
+    np.random.seed(stream.derive_seed(cfg.seed, 3, rank) % 2**32)
 
     eval_tf = transforms.build_transform("none", cfg.resize, cfg.crop)
     train_data, train_steps = make_train_loader(cfg, shard_set, train_folds, accelerator)
@@ -352,8 +392,10 @@ def setup(cfg: config_mod.TrainConfig, log_dir: Path | None = None) -> Run:
     optimizer = make_optimizer(cfg, model, base_lr)
     schedule = WarmRestarts(base_lr, cfg.epochs, cfg.warmup_epochs, cfg.restart_epochs, cfg.restart_mult, cfg.min_lr)
     model, optimizer = accelerator.prepare(model, optimizer)
+    ema = Ema(accelerator.unwrap_model(model, keep_torch_compile=False), cfg.ema_decay, warmup=True) if cfg.ema_decay else None
     return Run(cfg, accelerator, shard_set, train_folds, counts, model, optimizer, loss_fn, schedule, base_lr,
-               train_data, val_loader, mean, std, channels_last, steps_per_epoch, max(1, steps_per_epoch // cfg.grad_accum))
+               train_data, val_loader, mean, std, channels_last, steps_per_epoch, max(1, steps_per_epoch // cfg.grad_accum),
+               mixer if mixer.enabled else None, ema)
 
 
 def _fold_window(window: WindowMeter, tally: EpochTally, accelerator: Accelerator) -> dict:
@@ -394,7 +436,8 @@ def train_epoch(run: Run, epoch: int, tally: EpochTally, first_step: int = 0, pr
             if run.batch_log is not None:
                 run.batch_log.write(f"{epoch} {step} {' '.join(batch['key'])}\n")
             loss, grad_norm = train_step(accelerator, run.model, run.optimizer, run.loss_fn, batch, run.mean, run.std,
-                                         run.channels_last, run.lr(epoch, step), cfg.clip_grad)
+                                         run.channels_last, run.lr(epoch, step), cfg.clip_grad, run.mixer, run.ema,
+                                         run.optimizer_step(epoch, step))
             window.add(loss, grad_norm, batch["image"].shape[0], wait_s)
             step += 1
             # Every rank reaches the same steps (equal step counts), so the reduce cannot hang.
@@ -427,13 +470,36 @@ def train_epoch(run: Run, epoch: int, tally: EpochTally, first_step: int = 0, pr
     return tally
 
 
-def validate(run: Run, epoch: int) -> tuple[pd.DataFrame, metrics.Scores]:
-    """Every validation sample once (gathered by key) and its scores on the true labels."""
-    predictions = evaluate(run.accelerator, run.accelerator.unwrap_model(run.model), run.val_loader, run.mean, run.std,
-                           run.channels_last)
-    if not len(predictions):
-        raise MaskdistError(f"fold {run.cfg.fold} of {run.cfg.shards} has no validation samples: rebuild the shards with more people per fold")
-    return predictions, metrics.score(predictions["label_true"], np.stack(predictions["probs"].to_numpy()).argmax(axis=1))
+def sync_ema_buffers(run: Run) -> None:
+    """Average the EMA's buffers (BatchNorm statistics) over ranks, as timm's distribute_bn
+    does at each epoch's end. The EMA's weights are equal on every rank (DDP keeps the live
+    weights equal); its buffers follow each rank's own batches within an epoch."""
+    if run.ema is None or run.accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for buffer in run.ema.module.buffers():
+            if buffer.is_floating_point():
+                dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+                buffer /= run.accelerator.num_processes
+
+
+def validate(run: Run, epoch: int) -> dict[str, tuple[pd.DataFrame, metrics.Scores]]:
+    """Every validation sample once (gathered by key) and its scores on the true labels, for
+    the live weights (``"live"``) and, when kept, the EMA weights (``"ema"``)."""
+    models = {"live": run.accelerator.unwrap_model(run.model)}
+    if run.ema is not None:
+        models["ema"] = run.ema.module
+    out = {}
+    for name, model in models.items():
+        predictions = evaluate(run.accelerator, model, run.val_loader, run.mean, run.std, run.channels_last, run.cfg.heads)
+        if not len(predictions):
+            raise MaskdistError(f"fold {run.cfg.fold} of {run.cfg.shards} has no validation samples: rebuild the shards with"
+                                " more people per fold")
+        out[name] = predictions, metrics.score(predictions["label_true"], np.stack(predictions["probs"].to_numpy()).argmax(axis=1))
+    run.model.train()
+    return out
 
 
 def train(cfg: config_mod.TrainConfig) -> dict:
@@ -480,6 +546,7 @@ def _train(cfg: config_mod.TrainConfig) -> dict:
         tally, skipped_history = EpochTally(), {}
         if resumed is not None:
             accelerator.load_state(str(run_dir / STATE))
+            _load_ema(run, run_dir / STATE)
             best, skipped_history = resumed["best"], resumed.get("skipped", {})
             if _epoch_done(resumed):
                 start_epoch = resumed["epoch"] + 1
@@ -513,11 +580,14 @@ def _train(cfg: config_mod.TrainConfig) -> dict:
     def trainer_state(epoch: int, step: int, epoch_done: bool) -> dict:
         # Each rank's running figures of the epoch (a collective: every rank saves together).
         tallies = distributed.gather_rows([tally.to_dict()], accelerator)
-        return {"epoch": epoch, "step": step, "epoch_done": epoch_done, "steps_per_epoch": steps,
-                "world_size": world, "best": best, "tallies": tallies, "skipped": skipped_history}
+        state = {"epoch": epoch, "step": step, "epoch_done": epoch_done, "steps_per_epoch": steps,
+                 "world_size": world, "best": best, "tallies": tallies, "skipped": skipped_history}
+        if run.ema is not None:  # one sum per rank: the EMA must be the same on every rank
+            state["ema_checksums"] = distributed.gather_rows([_checksum(run.ema.module)], accelerator)
+        return state
 
     def save_mid_epoch(epoch: int, step: int, why: str) -> None:
-        seconds = _save_state(accelerator, run_dir, trainer_state(epoch, step, False))
+        seconds = _save_state(accelerator, run_dir, trainer_state(epoch, step, False), run.ema)
         preemption.saved()
         if main:
             accelerator.log({"checkpoint/save_s": seconds}, step=epoch * steps + step)
@@ -537,35 +607,46 @@ def _train(cfg: config_mod.TrainConfig) -> dict:
             for path, (reason, samples) in skipped.items():
                 skipped_history.setdefault(path, {"reason": reason, "samples": samples, "epochs": []})["epochs"].append(epoch)
 
-            predictions, scores = validate(run, epoch)
+            sync_ema_buffers(run)
+            validated = validate(run, epoch)
+            # The better of the live and the EMA weights is this epoch's candidate for best.
+            weights = max(validated, key=lambda name: validated[name][1].macro_f1)
+            predictions, scores = validated[weights]
             improved = scores.macro_f1 > best["macro_f1"]
             skipped_samples = sum(samples for _reason, samples in skipped.values())
             if main:
-                accelerator.log(monitor.score_scalars(scores) | monitor.scalars({
+                live = validated["live"][1]
+                logged = monitor.score_scalars(live) | monitor.scalars({
                     "train/epoch_loss": epoch_loss, "train/epoch_images_per_s": rate, "train/epoch_data_wait_frac": epoch_wait,
-                    "data/skipped_shards": len(skipped), "data/skipped_samples": skipped_samples}), step=epoch_end_step)
+                    "data/skipped_shards": len(skipped), "data/skipped_samples": skipped_samples})
+                if "ema" in validated:
+                    logged |= monitor.score_scalars(validated["ema"][1], prefix="val_ema")
+                accelerator.log(logged, step=epoch_end_step)
                 run.writer.add_image("val/confusion", monitor.confusion_image(scores.confusion), epoch_end_step, dataformats="HWC")
                 accelerator.print(
                     f"epoch {epoch}: loss {epoch_loss:.4f}, {rate:.0f} img/s, data wait {100 * epoch_wait:.1f}%, "
-                    f"val macro F1 {scores.macro_f1:.4f} "
-                    f"(mask {scores.part_f1['mask']:.3f}, gender {scores.part_f1['gender']:.3f}, age {scores.part_f1['age']:.3f})"
+                    f"val macro F1 {live.macro_f1:.4f} "
+                    f"(mask {live.part_f1['mask']:.3f}, gender {live.part_f1['gender']:.3f}, age {live.part_f1['age']:.3f})"
+                    + (f", EMA {validated['ema'][1].macro_f1:.4f}" if "ema" in validated else "")
                     + (f", skipped {len(skipped)} shard(s) ({skipped_samples} samples)" if skipped else "")
-                    + (" *best*" if improved else "")
+                    + (f" *best* ({weights})" if improved and run.ema is not None else " *best*" if improved else "")
                 )
                 if improved:
-                    best = {"macro_f1": scores.macro_f1, "epoch": epoch, "part_f1": scores.part_f1,
+                    best = {"macro_f1": scores.macro_f1, "epoch": epoch, "weights": weights, "part_f1": scores.part_f1,
                             "per_class_f1": scores.per_class_f1, "accuracy": scores.accuracy, "samples": scores.samples}
                     card = checkpoint.model_card(cfg.model, cfg.resize, cfg.crop, run.mean, run.std, run.shard_set.age_cut,
-                                                 cfg.fold, epoch, best, cfg.drop_rate)
+                                                 cfg.fold, epoch, best, cfg.drop_rate, heads=cfg.heads)
+                    card["weights"] = weights  # live or ema: which weights best.safetensors holds
                     card["confusion"] = scores.confusion
                     card["train_folds"] = run.train_folds
                     card["data"] = _data_summary(skipped_history)
-                    checkpoint.save(run_dir, accelerator.unwrap_model(run.model), card)
+                    model = run.ema.module if weights == "ema" else accelerator.unwrap_model(run.model)
+                    checkpoint.save(run_dir, model, card)
                     with atomic_path(run_dir / OOF) as tmp:
                         oof_frame(predictions, cfg.fold).to_csv(tmp, index=False, float_format="%.6g")
             best = distributed.gather_rows([best], accelerator)[0]  # every rank agrees on the best (rank 0's)
             tally = EpochTally()
-            _save_state(accelerator, run_dir, trainer_state(epoch, steps, True))
+            _save_state(accelerator, run_dir, trainer_state(epoch, steps, True), run.ema)
             preemption.saved()
             decision = preemption.at_epoch_end()
             if decision.stop and epoch < cfg.epochs - 1:
@@ -584,6 +665,11 @@ def _train(cfg: config_mod.TrainConfig) -> dict:
         accelerator.print(f"fold {cfg.fold}: best macro F1 {best['macro_f1']:.4f} at epoch {best['epoch']}; run folder {run_dir}")
     accelerator.end_training()
     return best
+
+
+def _checksum(model: torch.nn.Module) -> float:
+    """A sum over every floating-point weight and buffer (equal models, equal sums)."""
+    return float(sum(t.double().sum() for t in model.state_dict().values() if t.is_floating_point()))
 
 
 def _mean_over_ranks(accelerator: Accelerator, value: float) -> float:

@@ -355,7 +355,10 @@ def _keys(run_dir: Path) -> list[str]:
 
 
 def test_sigterm_mid_epoch_then_resume_gives_the_uninterrupted_batches_and_weights(small_shards, tmp_path):
-    args = ("--workers", "2", "--batch-size", "8", "--log-batches", "--log-every", "3", "--seed", "5")
+    # with the recipe options whose state must survive too: the EMA weights, mixup's numpy
+    # RNG, part heads
+    args = ("--workers", "2", "--batch-size", "8", "--log-batches", "--log-every", "3", "--seed", "5",
+            "--ema-decay", "0.9", "--mixup", "0.4", "--heads", "parts")
     out = tmp_path / "cut"
     proc = subprocess.Popen(_direct(*_train_args(small_shards, out, 0, 2, *args)), env=launch_env(tmp_path), cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -380,9 +383,12 @@ def test_sigterm_mid_epoch_then_resume_gives_the_uninterrupted_batches_and_weigh
     assert straight.returncode == 0, straight.stderr[-2000:]
 
     assert _keys(out / "fold0") == _keys(whole / "fold0")  # same batches, step for step, k+1 on included
-    a = load_file(str(out / "fold0" / "state" / "model.safetensors"))
-    b = load_file(str(whole / "fold0" / "state" / "model.safetensors"))
-    assert a.keys() == b.keys() and all(np.array_equal(a[n].numpy(), b[n].numpy()) for n in a)  # bit for bit on CPU
+    for weights in ("model.safetensors", "ema-rank0.safetensors"):
+        a = load_file(str(out / "fold0" / "state" / weights))
+        b = load_file(str(whole / "fold0" / "state" / weights))
+        assert a.keys() == b.keys() and all(np.array_equal(a[n].numpy(), b[n].numpy()) for n in a), weights  # bit for bit
+    live, ema = (load_file(str(whole / "fold0" / "state" / w)) for w in ("model.safetensors", "ema-rank0.safetensors"))
+    assert any(not np.array_equal(live[n].numpy(), ema[n].numpy()) for n in ema if n in live)  # the EMA is its own
     cut, uncut = _scalars(out / "fold0"), _scalars(whole / "fold0")
     for tag in ("train/loss", "train/lr", "val/macro_f1", "train/epoch_loss"):
         steps = [s for s, _v in cut[tag]]

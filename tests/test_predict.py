@@ -159,3 +159,36 @@ def test_pseudo_labels_go_to_training_folds_only(experiment, small_synth, tmp_pa
     extra_shards = [s for s in json.loads((with_extra / "manifest.json").read_text())["shards"] if s["fold"] == -1]
     assert extra_shards and all(s["path"].startswith("train/extra/") for s in extra_shards)
     assert open_shard_set(with_extra).samples("train", [0], extra=False) == open_shard_set(plain).samples("train", [0], extra=False)
+
+
+def test_pseudo_label_part_thresholds_keep_what_each_part_is_sure_of(experiment, small_synth, tmp_path):
+    from maskdist.predict import ensemble_probs, folder_loader, load_ensemble
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for i, src in enumerate(sorted((small_synth / "eval" / "images").glob("[0-9a-f]*.jpg"))[:12]):
+        shutil.copy(src, outside / f"{i:04d}.jpg")
+    keys = [str(p) for p in sorted(outside.iterdir())]
+    ensemble = load_ensemble([experiment])
+    tf = transforms.build_transform("none", ensemble.resize, ensemble.crop)
+    rows, _ = ensemble_probs(ensemble, folder_loader(keys, keys, tf, 8, 0, 1, 0), "cpu")
+    gender = []  # P(gender = the chosen gender), the chosen class being the most probable one
+    for _key, probs, _folds in rows:
+        cube = probs.reshape(3, 2, 3)
+        g = np.unravel_index(cube.argmax(), cube.shape)[1]
+        gender.append(float(cube.sum(axis=(0, 2))[g]))
+    threshold = float(np.median(gender))
+    expected = sum(g >= threshold for g in gender)
+    assert 0 < expected < 12
+    out = tmp_path / "parts.csv"
+    result = subprocess.run([sys.executable, "-m", "maskdist", "pseudo-label", str(experiment), str(outside), "--out", str(out),
+                             "--min-confidence", "0", "--part-confidence", f"gender={threshold}", "--workers", "0"],
+                            env=launch_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"pseudo-labelled {expected} of 12" in result.stdout
+    assert f"below the gender threshold: {12 - expected}" in result.stdout
+    assert len(pd.read_csv(out)) == expected
+    bad = subprocess.run([sys.executable, "-m", "maskdist", "pseudo-label", str(experiment), str(outside), "--out",
+                          str(tmp_path / "x.csv"), "--part-confidence", "nose=0.5"], env=launch_env(tmp_path),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "for parts mask, gender, age" in bad.stderr

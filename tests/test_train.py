@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import accelerate_cmd, launch_env, run_launch
@@ -182,3 +183,28 @@ def test_two_machines_on_one_host(small_shards, tmp_path):
     assert "2 process(es)" in outputs[0]
     oof = pd.read_csv(out / "fold2" / "oof.csv")
     assert oof["key"].is_unique and len(oof) == open_shard_set(small_shards).samples("train", [2], extra=False)
+
+
+def test_every_recipe_option_through_two_process_ddp_with_one_ema_on_both_ranks(small_shards, tmp_path):
+    """Part heads, EMA, focal+F1, mixup and cutmix, drop-path and the strong augmentation, all
+    at once, under a real 2-process gloo launch."""
+    options = ["--heads", "parts", "--ema-decay", "0.9", "--loss", "focal+f1", "--f1-weight", "0.3", "--mixup", "0.2",
+               "--cutmix", "1.0", "--drop-path", "0.1", "--augment", "strong", "--label-smoothing", "0.1"]
+    out = tmp_path / "runs"
+    result = run_launch(accelerate_cmd(2, *_train_args(small_shards, out, 0, 2, "--max-steps", "5", *options)), tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout and ", EMA " in result.stdout
+    run_dir = out / "fold0"
+    state = json.loads((run_dir / "state" / "trainer.json").read_text())
+    assert len(state["ema_checksums"]) == 2 and state["ema_checksums"][0] == state["ema_checksums"][1]
+    card = checkpoint.read_card(run_dir)
+    assert card["heads"] == "parts" and card["weights"] in ("live", "ema") and card["metrics"]["weights"] == card["weights"]
+    oof = pd.read_csv(run_dir / "oof.csv")
+    probs = oof[[f"p{c:02d}" for c in range(18)]].to_numpy()
+    assert np.allclose(probs.sum(axis=1), 1, atol=1e-4) and len(oof) == open_shard_set(small_shards).samples("train", [0], extra=False)
+    model, _ = checkpoint.load(run_dir)  # a parts model comes back from its card
+    assert model(torch.zeros(2, 3, 48, 48)).shape == (2, 8)
+    scalars = set()
+    for acc in _events(run_dir):
+        scalars |= set(acc.Tags()["scalars"])
+    assert {"val_ema/macro_f1", "val/macro_f1"} <= scalars
