@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -91,10 +92,10 @@ def bench_options(shards: str, out: str | Path, variants: Sequence[str] = tuple(
             card_path = run_out / f"fold{fold}" / checkpoint.MODEL_JSON
             timing = run_out / "seconds.txt"
             if not card_path.is_file() or not timing.is_file():
+                if run_out.exists():  # interrupted: run it again whole, so its time is a whole run's
+                    shutil.rmtree(run_out)
                 cmd = [sys.executable, "-m", "maskdist", "train", "--config", config, "--shards", str(shards), "--fold", str(fold),
                        "--out", str(run_out), "--seed", str(seed), *VARIANTS[name], *extra]
-                if run_out.exists():
-                    cmd.append("--resume")
                 echo(f"[{name} seed {seed}] {' '.join(cmd[3:])}")
                 started = time.perf_counter()
                 log = run_out.with_suffix(".log")

@@ -9,6 +9,7 @@ prediction, OOF files, ensembling and TTA stay on 18-class probabilities.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -69,6 +70,13 @@ def split_logits(logits8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     return tuple(torch.split(logits8, PART_SIZES, dim=1))
 
 
+@functools.lru_cache(maxsize=None)
+def _class_parts(device: torch.device) -> torch.Tensor:
+    """CLASS_PARTS on ``device``, copied there once (a copy per step from host memory would
+    make every step wait for the device)."""
+    return CLASS_PARTS.to(device)
+
+
 def part_log_probs(logits8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-softmax of each part (float32): ``(log_p_mask, log_p_gender, log_p_age)``."""
     return tuple(F.log_softmax(part.float(), dim=1) for part in split_logits(logits8))
@@ -76,7 +84,7 @@ def part_log_probs(logits8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 
 def class_log_probs(logits8: torch.Tensor) -> torch.Tensor:
     """``(N, 18)`` log probabilities: the sum of the parts' log probabilities of each class."""
-    parts = CLASS_PARTS.to(logits8.device)
+    parts = _class_parts(logits8.device)
     return sum(log_p[:, parts[:, k]] for k, log_p in enumerate(part_log_probs(logits8)))
 
 
@@ -95,7 +103,7 @@ def probabilities(logits: torch.Tensor, heads: str = "single") -> torch.Tensor:
 def part_targets(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-part targets of 18-class targets: indices decode to part indices; soft ``(N, 18)``
     targets are marginalised (summed over the other parts) to soft part targets."""
-    parts = CLASS_PARTS.to(target.device)
+    parts = _class_parts(target.device)
     if not target.is_floating_point():
         return tuple(parts[target, k] for k in range(len(PART_SIZES)))
     if target.ndim != 2 or target.shape[1] != labels.NUM_CLASSES:

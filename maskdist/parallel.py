@@ -58,12 +58,16 @@ def _wait_for_exit(pid: int) -> None:
         os.close(fd)
 
 
-def watch(pid: int, exit_code: int = 1) -> threading.Thread:
-    """End this process (``os._exit``) as soon as process ``pid`` ends."""
+def watch(pid: int, exit_code: int = 1, on_exit=None) -> threading.Thread:
+    """End this process (``os._exit``) as soon as process ``pid`` ends; or, with ``on_exit``,
+    call it instead (in the watching thread)."""
 
     def run():
         _wait_for_exit(pid)
-        os._exit(exit_code)
+        if on_exit is not None:
+            on_exit()
+        else:
+            os._exit(exit_code)
 
     thread = threading.Thread(target=run, name=f"maskdist-watch-{pid}", daemon=True)
     thread.start()

@@ -25,6 +25,10 @@ from dataclasses import dataclass
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped on request, resumable; documented in docs/training.md
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Signals this soon after the first are the same request delivered twice (the scheduler
+# signals every process of a job and the launcher forwards its own copy); a later one means
+# "stop now".
+REPEAT_GRACE_S = 10.0
 
 
 class Preempted(Exception):
@@ -49,45 +53,57 @@ class Preemption:
     """
 
     def __init__(self, world_size: int = 1, rank: int = 0, checkpoint_every: int = 0, checkpoint_minutes: float = 0.0,
-                 install_handlers: bool = True):
+                 install_handlers: bool = True, timeout_s: float = 1800.0):
         self.world_size, self.rank = int(world_size), int(rank)
         self.checkpoint_every, self.checkpoint_s = int(checkpoint_every), float(checkpoint_minutes) * 60.0
-        self.signal_name = ""  # set by the handler: the first stop signal received
+        self.signal_name = ""  # set by the handler (the first stop signal received) or by request()
+        self._asked_at = 0.0
         self.last_save = time.monotonic()
         self._previous: dict[int, object] = {}
         self._group = None
         self._pending = None  # (work, flags tensor) of the last step's agreement
         if self.world_size > 1:
+            import datetime
+
             import torch.distributed as dist
 
-            self._group = dist.new_group(backend="gloo")  # CPU flags: no GPU synchronisation
+            # CPU flags (no GPU synchronisation), under the run's collective timeout
+            self._group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
         if install_handlers and threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, _frame) -> None:
-        if self.signal_name:  # a second signal: the user insists, or the run is stuck; go now
-            signal.signal(signum, signal.SIG_DFL)
+        if self.signal_name:
+            if time.monotonic() - self._asked_at < REPEAT_GRACE_S:
+                return  # the same request, delivered twice
+            signal.signal(signum, signal.SIG_DFL)  # the user insists, or the run is stuck: go now
             os.kill(os.getpid(), signum)
             return
-        self.signal_name = signal.Signals(signum).name
-        print(f"{self.signal_name} received: saving a resumable state after this step, then stopping"
-              " (send it again to stop at once)", file=sys.stderr, flush=True)
+        self.request(signal.Signals(signum).name, f"{signal.Signals(signum).name} received")
+
+    def request(self, name: str, why: str) -> None:
+        """Ask for a save and a stop after the current step (a signal, or the launcher's death)."""
+        if self.signal_name:
+            return
+        self.signal_name, self._asked_at = name, time.monotonic()
+        print(f"{why}: saving a resumable state after this step, then stopping (the same signal again more than"
+              f" {REPEAT_GRACE_S:.0f} s later stops at once)", file=sys.stderr, flush=True)
 
     # --- decisions ------------------------------------------------------------------------
 
-    def _local(self, step_done: int) -> tuple[int, int]:
-        """This rank's (save, stop) wishes after ``step_done`` steps of the run."""
-        stop = 1 if self.signal_name else 0
-        save = stop
-        if self.checkpoint_every and step_done % self.checkpoint_every == 0:
-            save = 1
-        # The clock is rank 0's alone: ranks would otherwise disagree on when time is up. It
-        # restarts when it asks, since the save it asks for follows within a step.
+    def _count_save(self, step_done: int) -> bool:
+        """A step-count save: every rank counts the same steps, so it needs no agreement."""
+        return bool(self.checkpoint_every and step_done % self.checkpoint_every == 0)
+
+    def _clock_save(self) -> bool:
+        """The clock is rank 0's alone: ranks would otherwise disagree on when time is up. It
+        restarts when it asks, since the save it asks for follows within a step or two."""
         now = time.monotonic()
         if self.rank == 0 and self.checkpoint_s and now - self.last_save >= self.checkpoint_s:
-            save, self.last_save = 1, now
-        return save, stop
+            self.last_save = now
+            return True
+        return False
 
     def _post(self, flags: tuple[int, int]):
         import torch
@@ -102,18 +118,16 @@ class Preemption:
         With several processes the answer concerns the flags posted after the previous step,
         so all ranks act on the same step; step-count saves are exact on every rank anyway.
         """
-        save, stop = self._local(step_done)
+        stop = 1 if self.signal_name else 0
+        count_save, clock_save = self._count_save(step_done), self._clock_save()
         if self._group is None:
-            return Decision(bool(save), bool(stop), self.signal_name)
+            return Decision(bool(count_save or clock_save or stop), bool(stop), self.signal_name)
         agreed = (0, 0)
         if self._pending is not None:
             work, tensor = self._pending
             work.wait()
             agreed = tuple(int(v) for v in tensor.tolist())
-        # Step-count saves need no agreement: every rank counts the same steps.
-        count_save = bool(self.checkpoint_every and step_done % self.checkpoint_every == 0)
-        clock_or_signal = (1 if (save and not count_save) or stop else 0, stop)
-        self._pending = self._post(clock_or_signal)
+        self._pending = self._post((1 if clock_save or stop else 0, stop))
         return Decision(count_save or bool(agreed[0]), bool(agreed[1]), self.signal_name or ("SIGNAL" if agreed[1] else ""))
 
     def at_epoch_end(self) -> Decision:

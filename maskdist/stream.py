@@ -33,11 +33,21 @@ Training stream (:func:`train_loader`)
       manifest; ``alpha`` 0 uniform = default, 0.5 square root, 1 natural); a class with no
       samples in the selection gets probability 0 and is never opened. A shuffle buffer of
       ``shuffle_buffer`` raw (undecoded) samples follows; only what leaves it is decoded.
-    * Randomness comes from local ``random.Random`` / albumentations generators seeded from
-      ``(seed, rank, worker, epoch)``: ranks and workers never replay one sequence, epochs
-      differ, and the same arguments reproduce the same batches. The epoch reaches
-      persistent workers through a shared ``multiprocessing.Value`` (:meth:`StreamLoader.set_epoch`);
-      without ``set_epoch`` calls each worker counts its own passes instead.
+    * Randomness comes from local ``random.Random`` generators seeded from ``(seed, rank,
+      worker, epoch)`` and augmentation seeded per batch from ``(..., batch)``: ranks and
+      workers never replay one sequence, epochs differ, and the same arguments reproduce the
+      same batches. The epoch reaches persistent workers through a shared
+      ``multiprocessing.Value`` (:meth:`StreamLoader.set_epoch`); without ``set_epoch`` calls
+      each worker counts its own passes instead.
+    * Resuming inside an epoch: ``set_epoch(epoch, start_step)`` makes the workers draw the
+      batches before ``start_step`` without decoding them and yield the rest, in the order
+      and with the augmentation of an uninterrupted epoch.
+    * Damage: a shard that cannot be read (after the set's retries) or that is damaged (a
+      tar header, a sample's json or JPEG that does not decode) is skipped for the rest of
+      the epoch and reported with the next batch; the loader names it once (a warning),
+      records it in ``loader.skipped`` and raises MaskdistError when a class has lost all
+      its shards or the skipped shards hold more than ``max_skipped`` of the epoch's samples.
+      A worker's MaskdistError reaches the caller as one line, not a worker traceback.
     * Epoch length: ``steps = ceil(train_samples / (batch_size * world_size))``. The rank's
       ``steps`` are split among its workers exactly (worker ``w`` makes
       ``steps // workers + (w < steps % workers)`` full batches of an infinite stream), and
@@ -49,7 +59,8 @@ Evaluation stream (:func:`eval_loader`)
     exactly once across all ranks and workers: shards are split among ranks (balanced by
     sample count) when there are at least as many shards as ranks, else samples by index
     modulo; then the same again among the rank's workers. Partial last batches are kept, so
-    ranks may yield different numbers of batches (``len(loader)`` says how many).
+    ranks may yield different numbers of batches (``len(loader)`` says how many). A shard
+    that cannot be read is an error naming it: evaluation never silently reads less.
 
 Reading and decoding
     Shards are read with a small strict tar reader (:class:`maskdist.shards.tario.TarReader`, one
@@ -125,9 +136,8 @@ def derive_seed(seed: int, *parts: int) -> int:
 
 def folds_except(shard_set: ShardSet, fold: int) -> list[int]:
     """The training folds when ``fold`` is held out."""
-    if not 0 <= int(fold) < shard_set.folds:
-        raise MaskdistError(f"fold {fold} does not exist: the shard set has folds 0..{shard_set.folds - 1}")
-    return [k for k in range(shard_set.folds) if k != int(fold)]
+    held_out = shard_set.check_fold(fold)
+    return [k for k in range(shard_set.folds) if k != held_out]
 
 
 def class_probabilities(counts: Sequence[int], alpha: float = 0.0) -> list[float]:
@@ -422,6 +432,7 @@ class TrainStream(IterableDataset):
         self._start = multiprocessing.RawValue("q", 0)  # the epoch's first batch (> 0 when resumed)
         self._passes = 0  # per-process count of passes, used when set_epoch is never called
         self._cache: _ShardCache | None = None
+        self.preskipped: tuple[int, tuple[str, ...]] = (-1, ())  # (epoch, shards already found bad in it)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self._epoch.value = int(epoch)
@@ -453,6 +464,8 @@ class TrainStream(IterableDataset):
         if self._cache is None:  # made in the process that iterates (each worker its own)
             self._cache = _ShardCache()
         health = _ShardHealth()  # a skipped shard stays skipped for the rest of this epoch only
+        if epoch == self.preskipped[0]:  # a resumed epoch: what was skipped before the interruption
+            health.bad.update(dict.fromkeys(self.preskipped[1], "skipped before the run was resumed"))
         streams = {c: _class_stream(self.shard_set, shards, random.Random(derive_seed(seed, 2, c)), self._cache, health, c)
                    for c, shards in self.class_shards.items()}
         samples = _shuffled(_mixed(streams, self.probs, rng), self.shuffle_buffer, rng)
@@ -620,6 +633,7 @@ class StreamLoader:
         self.workers = int(workers)
         self.max_skipped = float(max_skipped)
         self.skipped: dict[str, tuple[str, int]] = {}
+        self._resumed_skipped: dict[str, tuple[str, int]] = {}
         self._warned: set[str] = set()
         kwargs = {}
         if self.workers > 0:
@@ -636,9 +650,18 @@ class StreamLoader:
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Call before iterating an epoch (persistent workers read it when the epoch starts);
         ``start_step``: the first batch to yield (a resumed epoch skips the ones before)."""
-        self.skipped = {}
+        epoch_skipped = getattr(self.dataset, "preskipped", (-1, ()))
+        self.skipped = dict(self._resumed_skipped) if epoch == epoch_skipped[0] else {}
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch, start_step)
+
+    def resume_skipped(self, epoch: int, skipped: dict) -> None:
+        """Shards this rank had skipped in ``epoch`` before an interruption (path -> (reason,
+        samples)): counted again, and skipped again by the workers. Call before the first
+        iteration (the workers get the list when they start)."""
+        self._resumed_skipped = {path: tuple(value) for path, value in skipped.items()}
+        self._warned |= set(skipped)
+        self.dataset.preskipped = (int(epoch), tuple(skipped))
 
     @property
     def steps(self) -> int:
@@ -716,13 +739,7 @@ def eval_shards(shard_set: ShardSet, fold: int | str) -> tuple[list[dict], tuple
         if not shards and shard_set.manifest.get("totals", {}).get("eval", 0):
             raise MaskdistError("the manifest counts eval samples but lists no eval shard: rebuild the set")
         return shards, EVAL_BATCH_FIELDS
-    try:
-        k = int(fold)
-    except (TypeError, ValueError):
-        raise MaskdistError(f"evaluation selection {fold!r}: expected a fold number or 'eval'") from None
-    if not 0 <= k < shard_set.folds:
-        raise MaskdistError(f"fold {k} does not exist: the shard set has folds 0..{shard_set.folds - 1}")
-    return shard_set.shards("train", [k], extra=False), TRAIN_BATCH_FIELDS
+    return shard_set.shards("train", [shard_set.check_fold(fold)], extra=False), TRAIN_BATCH_FIELDS
 
 
 def eval_loader(shard_set: ShardSet | str, fold: int | str, batch_size: int, rank: int = 0, world_size: int = 1,

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ from maskdist.fileio import atomic_path, atomic_write_json, dir_exists, recover_
 from maskdist.ema import Ema
 from maskdist.mixing import Mixer
 from maskdist.model import create_model, normalisation, prepare_for_device
-from maskdist.preemption import Preempted, Preemption
+from maskdist.preemption import Decision, Preempted, Preemption
 from maskdist.schedule import WarmRestarts, scaled_lr
 from maskdist.shards.manifest import open_shard_set
 from maskdist.shards.opener import RetryPolicy
@@ -153,6 +154,8 @@ def _load_ema(run: "Run", state_dir: Path) -> None:
     if run.ema is None:
         return
     path = state_dir / ema_file(run.accelerator.process_index)
+    if not path.is_file():  # more ranks than the run had: the weights are the same on every rank
+        path = state_dir / ema_file(0)
     if not path.is_file():
         raise MaskdistError(f"{state_dir} holds no EMA weights but this run keeps an EMA (--ema-decay"
                             f" {run.cfg.ema_decay}): resume with the options the run started with")
@@ -279,17 +282,29 @@ def _memory_scalars(device: torch.device, loader) -> dict:
     return out
 
 
-def _follow_launcher() -> None:
-    """A rank started by ``accelerate launch``/torchrun ends with its launcher (kill -9 of the
-    launcher would otherwise leave the ranks training on their own)."""
+LAUNCHER_GRACE_S = 120  # what a rank whose launcher died has to save before it exits anyway
+
+
+def _follow_launcher(preemption: Preemption) -> None:
+    """A rank started by ``accelerate launch``/torchrun ends with its launcher: when the
+    launcher dies (killed, or stopped by SIGTERM, which accelerate's one-process launcher does
+    not pass on), the rank saves after its step and stops, or exits after LAUNCHER_GRACE_S."""
     import psutil
 
     try:
         parent = " ".join(psutil.Process(os.getppid()).cmdline())
     except psutil.Error:
         return
-    if any(name in parent for name in ("accelerate", "torchrun", "torch.distributed.run")):
-        parallel.watch(os.getppid())
+    if not any(name in parent for name in ("accelerate", "torchrun", "torch.distributed.run")):
+        return
+
+    def launcher_gone():
+        preemption.request("LAUNCHER_EXIT", "the launcher exited")
+        timer = threading.Timer(LAUNCHER_GRACE_S, os._exit, (1,))
+        timer.daemon = True
+        timer.start()
+
+    parallel.watch(os.getppid(), on_exit=launcher_gone)
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -364,9 +379,8 @@ def setup(cfg: config_mod.TrainConfig, log_dir: Path | None = None) -> Run:
     accelerator = distributed.make_accelerator(cfg.precision, cfg.timeout_s, cfg.grad_accum, log_dir=log_dir)
     rank, world = accelerator.process_index, accelerator.num_processes
     shard_set = open_shard_set(cfg.shards, RetryPolicy(cfg.read_tries, cfg.read_backoff_s))
-    if not 0 <= cfg.fold < shard_set.folds:
-        raise MaskdistError(f"--fold {cfg.fold} does not exist: the shard set has folds 0..{shard_set.folds - 1}")
-    train_folds = [f for f in range(shard_set.folds) if f != cfg.fold]
+    shard_set.check_fold(cfg.fold, "--fold")
+    train_folds = stream.folds_except(shard_set, cfg.fold)
     counts = shard_set.class_counts(train_folds)
 
     set_seed(cfg.seed)  # same init on every rank; the streams seed per rank and worker themselves
@@ -424,7 +438,7 @@ def train_epoch(run: Run, epoch: int, tally: EpochTally, first_step: int = 0, pr
     bar = tqdm(total=steps, initial=first_step, desc=f"epoch {epoch}", disable=None if run.main else True,
                dynamic_ncols=True, leave=False)
     batches = iter(run.train_data)
-    step = first_step
+    step, wanted = first_step, None  # wanted: a save (or stop) decided, waiting for its step
     try:
         while step < steps:
             waited = time.perf_counter()
@@ -456,18 +470,30 @@ def train_epoch(run: Run, epoch: int, tally: EpochTally, first_step: int = 0, pr
                     bar.set_postfix(loss=f"{figures['loss']:.3f}", img_s=f"{figures['images_per_s']:.0f}",
                                     wait=f"{100 * figures['data_wait_frac']:.0f}%")
             bar.update(1)
-            decision = preemption.after_step(global_step + 1) if preemption is not None else None
-            if decision is not None and (decision.save or decision.stop):
+            if preemption is not None:
+                wanted = _merge(wanted, preemption.after_step(global_step + 1))
+            # A save waits for the end of an accumulation window: the state holds no gradients.
+            # (Every rank counts the same steps, so every rank acts on the same one.)
+            if wanted is not None and step % cfg.grad_accum == 0:
                 if window.steps:  # the open window goes into the tally the state keeps
                     _fold_window(window, tally, accelerator)
                     window = WindowMeter(accelerator.device)
-                save(epoch, step, f"on {decision.signal_name}" if decision.stop else "periodic")
-                if decision.stop:
-                    raise Preempted(f"stopped on {decision.signal_name} at epoch {epoch} step {step} with its state saved:"
+                save(epoch, step, f"on {wanted.signal_name}" if wanted.stop else "periodic")
+                if wanted.stop:
+                    raise Preempted(f"stopped on {wanted.signal_name} at epoch {epoch} step {step} with its state saved:"
                                     " `--resume` continues from the next batch")
+                wanted = None
     finally:
         bar.close()
     return tally
+
+
+def _merge(wanted: Decision | None, decision: Decision) -> Decision | None:
+    if not (decision.save or decision.stop):
+        return wanted
+    if wanted is None:
+        return decision
+    return Decision(True, wanted.stop or decision.stop, wanted.signal_name or decision.signal_name)
 
 
 def sync_ema_buffers(run: Run) -> None:
@@ -515,14 +541,17 @@ def train(cfg: config_mod.TrainConfig) -> dict:
             raise
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         raise MaskdistError(f"lost contact with another process of the run ({first}): it stopped or died;"
-                            " `--resume` continues from the last saved state") from None
+                            " `--resume` continues from the last saved state") from err
+
+
+# What a collective says when a peer is gone (gloo and NCCL, through DistError or RuntimeError).
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
+              "NCCL communicator was aborted")
 
 
 def _is_collective_failure(err: BaseException) -> bool:
-    if isinstance(err, torch.distributed.DistError):
-        return True
-    text = str(err)
-    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Gloo", "NCCL", "ProcessGroup"))
+    return isinstance(err, (torch.distributed.DistNetworkError, torch.distributed.DistBackendError)) \
+        or any(s in str(err) for s in _PEER_LOST)
 
 
 def _train(cfg: config_mod.TrainConfig) -> dict:
@@ -530,8 +559,10 @@ def _train(cfg: config_mod.TrainConfig) -> dict:
     run = setup(cfg, log_dir=run_dir)
     accelerator, main = run.accelerator, run.main
     rank, world, steps = accelerator.process_index, accelerator.num_processes, run.steps_per_epoch
-    _follow_launcher()
     try:
+        if cfg.resume and main:
+            recover_dir(run_dir / STATE)  # once, before any rank reads it
+        accelerator.wait_for_everyone()
         resumed = _load_trainer_state(run_dir) if cfg.resume else None
         problem = None
         if main and not cfg.resume and (run_dir / MODEL_JSON).exists():
@@ -553,6 +584,7 @@ def _train(cfg: config_mod.TrainConfig) -> dict:
             elif (resumed.get("steps_per_epoch"), resumed.get("world_size")) == (steps, world):
                 start_epoch, start_step = resumed["epoch"], int(resumed["step"])
                 tally = EpochTally(**resumed["tallies"][rank])
+                run.train_data.resume_skipped(start_epoch, resumed.get("epoch_skipped", [{}] * world)[rank])
             else:  # the batches of that epoch cannot be mapped onto another split: redo it
                 start_epoch = resumed["epoch"]
                 if main:
@@ -572,7 +604,8 @@ def _train(cfg: config_mod.TrainConfig) -> dict:
                 + f"epochs {start_epoch}..{cfg.epochs - 1}"
             )
         run.batch_log = _open_batch_log(run_dir, rank) if cfg.log_batches else None
-        preemption = Preemption(world, rank, cfg.checkpoint_every, cfg.checkpoint_minutes)
+        preemption = Preemption(world, rank, cfg.checkpoint_every, cfg.checkpoint_minutes, timeout_s=cfg.timeout_s)
+        _follow_launcher(preemption)
     except BaseException:
         run.close()
         raise
@@ -582,6 +615,8 @@ def _train(cfg: config_mod.TrainConfig) -> dict:
         tallies = distributed.gather_rows([tally.to_dict()], accelerator)
         state = {"epoch": epoch, "step": step, "epoch_done": epoch_done, "steps_per_epoch": steps,
                  "world_size": world, "best": best, "tallies": tallies, "skipped": skipped_history}
+        if not epoch_done:  # the shards each rank skipped so far in this epoch stay skipped after a resume
+            state["epoch_skipped"] = distributed.gather_rows([dict(run.train_data.skipped)], accelerator)
         if run.ema is not None:  # one sum per rank: the EMA must be the same on every rank
             state["ema_checksums"] = distributed.gather_rows([_checksum(run.ema.module)], accelerator)
         return state

@@ -23,6 +23,7 @@ Random transforms are seeded by the loader per rank, worker and epoch
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -230,6 +231,15 @@ def build_transform(preset: str = "recipe", resize: int | Sequence[int] | None =
     return Transform(preset, resize, crop, pipeline)
 
 
+@functools.lru_cache(maxsize=16)
+def _normalisation(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean * 255`` and ``1 / (std * 255)`` as (1, C, 1, 1) tensors on ``device``, made once:
+    a copy from host memory on every batch would make each step wait for the device."""
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255.0
+    inv_std = 1.0 / (torch.as_tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255.0)
+    return mean_t, inv_std
+
+
 def to_device(batch_uint8: torch.Tensor, device: torch.device | str, mean: Sequence[float] = RECIPE_MEAN,
               std: Sequence[float] = RECIPE_STD, channels_last: bool = False,
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -241,8 +251,7 @@ def to_device(batch_uint8: torch.Tensor, device: torch.device | str, mean: Seque
     if batch_uint8.dtype != torch.uint8 or batch_uint8.ndim != 4:
         raise ValueError(f"expected a uint8 NCHW batch, got {batch_uint8.dtype} {tuple(batch_uint8.shape)}")
     x = batch_uint8.to(device, non_blocking=True)
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) * 255.0
-    inv_std = 1.0 / (torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) * 255.0)
+    mean_t, inv_std = _normalisation(tuple(float(v) for v in mean), tuple(float(v) for v in std), x.device)
     x = (x.float() - mean_t) * inv_std
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

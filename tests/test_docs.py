@@ -151,3 +151,9 @@ def test_every_launch_script_parses():
     sbatch = (REPO / "launch" / "slurm_multinode.sbatch").read_text()
     # preemption: an early signal to the script, requeue, and every launch resuming
     assert "#SBATCH --signal=B:USR1@" in sbatch and "#SBATCH --requeue" in sbatch and "--resume" in sbatch
+
+
+def test_no_page_holds_a_placeholder():
+    for page in [*DOCS.glob("*.md"), REPO / "README.md", REPO / "shards" / "README.md"]:
+        for number, line in enumerate(page.read_text().splitlines(), 1):
+            assert not re.fullmatch(r"[A-Z][A-Z_]{5,}", line.strip()), f"{page.name}:{number}: {line}"

@@ -358,7 +358,7 @@ def test_sigterm_mid_epoch_then_resume_gives_the_uninterrupted_batches_and_weigh
     # with the recipe options whose state must survive too: the EMA weights, mixup's numpy
     # RNG, part heads
     args = ("--workers", "2", "--batch-size", "8", "--log-batches", "--log-every", "3", "--seed", "5",
-            "--ema-decay", "0.9", "--mixup", "0.4", "--heads", "parts")
+            "--ema-decay", "0.9", "--mixup", "0.4", "--heads", "parts", "--grad-accum", "2")
     out = tmp_path / "cut"
     proc = subprocess.Popen(_direct(*_train_args(small_shards, out, 0, 2, *args)), env=launch_env(tmp_path), cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -370,7 +370,8 @@ def test_sigterm_mid_epoch_then_resume_gives_the_uninterrupted_batches_and_weigh
     state = json.loads((out / "fold0" / "state" / "trainer.json").read_text())
     k = state["step"]
     assert state["epoch"] == 0 and not state["epoch_done"] and 4 <= k < state["steps_per_epoch"]
-    assert len(_keys(out / "fold0")) == k  # it finished the step it was in, then stopped
+    assert len(_keys(out / "fold0")) == k  # it finished its step, then stopped ...
+    assert k % 2 == 0  # ... at the end of an accumulation window: the state holds no gradients
     assert f"saved a resumable state at epoch 0 step {k} (on SIGTERM) in" in output
     seconds = float(re.search(r"\(on SIGTERM\) in ([\d.]+) s", output).group(1))
     assert 0 < seconds < 30
@@ -493,3 +494,39 @@ def test_a_killed_ddp_rank_stops_the_others_and_resume_restarts_cleanly(small_sh
     assert f"resuming at epoch {saved['epoch']} step {saved['step']}" in again.stdout or saved["epoch_done"]
     final = json.loads((out / "fold0" / "state" / "trainer.json").read_text())
     assert final["epoch"] == 2 and final["epoch_done"]
+
+
+def test_sigterm_to_a_whole_ddp_job_saves_once_on_every_rank_and_resumes(small_shards, tmp_path):
+    """SIGTERM to the launcher and to every rank at once (a scheduler signalling every process
+    of the job, the launcher forwarding its own copy): the ranks agree on one step, save
+    together, exit, and leave no process behind; --resume then finishes the run."""
+    out = tmp_path / "runs"
+    args = _train_args(small_shards, out, 0, 2, "--workers", "1", "--batch-size", "4", "--log-batches")
+    log = open(tmp_path / "ddp.log", "w")
+    launch = subprocess.Popen(accelerate_cmd(2, *args), env=launch_env(tmp_path), cwd=tmp_path, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        batches = [out / "fold0" / "batches" / f"rank{r}.txt" for r in (0, 1)]
+        assert procs.wait_for(lambda: all(b.exists() and len(b.read_text().splitlines()) >= 3 for b in batches), 240), \
+            (tmp_path / "ddp.log").read_text()[-3000:]
+        ranks = [_rank_pid(launch.pid, r) for r in (0, 1)]
+        family = procs.descendants(launch.pid)
+        for pid in [launch.pid, *ranks]:
+            os.kill(pid, signal.SIGTERM)
+        launch.wait(timeout=120)
+    finally:
+        if launch.poll() is None:
+            os.killpg(launch.pid, signal.SIGKILL)
+        log.close()
+    text = (tmp_path / "ddp.log").read_text()
+    assert not procs.wait_gone(family, timeout=10), "processes of the launch outlived it"
+    state = json.loads((out / "fold0" / "state" / "trainer.json").read_text())
+    assert not state["epoch_done"] and state["world_size"] == 2, text[-3000:]
+    k = state["step"]
+    assert text.count(f"saved a resumable state at epoch {state['epoch']} step {k} (on SIGTERM)") == 1, text[-3000:]
+    assert [len(b.read_text().splitlines()) for b in batches] == [state["epoch"] * state["steps_per_epoch"] + k] * 2
+    again = run_launch(accelerate_cmd(2, *args, "--resume"), tmp_path, timeout=400)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    for b in batches:  # every step of the run once, none twice, none missing
+        steps = [tuple(map(int, line.split()[:2])) for line in b.read_text().splitlines()]
+        assert steps == [(e, s) for e in range(2) for s in range(state["steps_per_epoch"])]

@@ -477,3 +477,25 @@ def test_small_shard_cache_changes_nothing_but_the_reads(tiny, monkeypatch):
     budget = sorted(s["bytes"] for s in shard_set.shards("train", [0, 1]))[2]
     limited, cache = keys(stream._ShardCache(budget=budget))
     assert limited == plain and 0 < cache.used <= budget
+
+
+@pytest.mark.parametrize("workers", [0, 3])
+def test_a_resumed_epoch_yields_the_rest_of_the_uninterrupted_epoch(tiny, workers):
+    """set_epoch(e, s) gives exactly batches s.. of epoch e, same keys and same (augmented)
+    pixels, for every s: the DataLoader's worker turns, the per-batch augmentation seeds and
+    the undecoded skipping all line up."""
+    shard_set = open_shard_set(tiny[0])
+    transform = __import__("maskdist.transforms", fromlist=["x"]).build_transform("light", resize=(20, 24), crop=(16, 16))
+    loader, steps = stream.train_loader(shard_set, [1, 2], batch_size=4, workers=workers, seed=3, transform=transform,
+                                        shuffle_buffer=8)
+    try:
+        loader.set_epoch(2)
+        whole = [(b["key"], b["image"].clone(), b["step"]) for b in loader]
+        assert [s for _k, _i, s in whole] == list(range(steps)) and steps >= 7
+        for start in range(steps + 1):
+            loader.set_epoch(2, start)
+            rest = [(b["key"], b["image"]) for b in loader]
+            assert [k for k, _ in rest] == [k for k, _i, _s in whole[start:]], start
+            assert all(np.array_equal(a.numpy(), b.numpy()) for (_, a), (_, b, _) in zip(rest, whole[start:])), start
+    finally:
+        loader.close()

@@ -5,6 +5,8 @@ The full description is ``shards/README.md``.
 """
 from __future__ import annotations
 
+import re
+
 from maskdist.errors import MaskdistError
 
 FORMAT = "maskdist-shards"
@@ -60,6 +62,12 @@ def shard_path(split: str, fold: int | None, cls: int | None, index: int) -> str
         return f"eval/eval-{index:06d}.tar"
     folder = EXTRA if fold == EXTRA_FOLD else f"fold{fold}"
     return f"train/{folder}/c{cls:02d}-{index:06d}.tar"
+
+
+# Every path shard_path makes, and nothing else: a manifest is read from wherever the set
+# lives, and a path goes into pipe: commands, so one that is not a shard path is refused.
+SHARD_PATH = re.compile(r"(train/(fold\d+|extra)/c\d{2}|eval/eval)-\d{6}\.tar")
+SKIP_CHUNK = 1 << 20  # bytes read at a time when data is read only to be skipped
 
 
 def split_key(name: str) -> tuple[str, str] | None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterable
 
 from maskdist.errors import MaskdistError
-from maskdist.shards.format import EXTRA_FOLD, FORMAT, FORMAT_VERSION, MANIFEST
+from maskdist.shards.format import EXTRA_FOLD, FORMAT, FORMAT_VERSION, MANIFEST, SHARD_PATH
 from maskdist.shards.opener import RetryPolicy, ResumableStream, ShardReadError, is_pipe, is_url, location_kind, open_file, resolve
 
 
@@ -56,6 +56,16 @@ class ShardSet:
     @property
     def folds(self) -> int:
         return int(self.manifest["folds"])
+
+    def check_fold(self, fold, what: str = "fold") -> int:
+        """``fold`` as an int, or MaskdistError when the set has no such fold."""
+        try:
+            k = int(fold)
+        except (TypeError, ValueError):
+            raise MaskdistError(f"{what} {fold!r}: expected a fold number") from None
+        if not 0 <= k < self.folds:
+            raise MaskdistError(f"{what} {k} does not exist: the shard set has folds 0..{self.folds - 1}")
+        return k
 
     @property
     def age_cut(self) -> int:
@@ -168,5 +178,6 @@ def check_manifest(manifest: dict, where: str) -> None:
             if key not in shard:
                 raise MaskdistError(f"{where}: shard entry {index} lacks {key!r}: rebuild the set with `maskdist shards build`")
         path = shard["path"]
-        if not isinstance(path, str) or path.startswith("/") or ".." in path.split("/"):
-            raise MaskdistError(f"{where}: shard path {path!r} must be relative and inside the set: rebuild the set")
+        if not isinstance(path, str) or not SHARD_PATH.fullmatch(path):
+            raise MaskdistError(f"{where}: shard path {path!r} is not a shard path of this format"
+                                " (train/fold<K>/c<CC>-<NNNNNN>.tar, ...): rebuild the set")

@@ -28,12 +28,12 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from maskdist.errors import MaskdistError
+from maskdist.shards.format import SKIP_CHUNK
 
 log = logging.getLogger(__name__)
 
 HTTP_CONNECT_TIMEOUT_S = 30
 HTTP_STALL_S = 60  # a transfer slower than 1 byte/s for this long counts as a dropped connection
-_SKIP_CHUNK = 1 << 20
 # curl's exit codes (with --fail) that say why a transfer stopped.
 _CURL_EXIT = {6: "host not found", 7: "connection refused", 18: "connection dropped mid-file", 22: "HTTP error status (400 or more)",
               28: "timed out", 33: "the server does not support byte ranges", 35: "TLS handshake failed",
@@ -87,7 +87,7 @@ def location_kind(location: str) -> str:
 def resolve(location: str, relpath: str) -> str:
     """The local path, URL or ``pipe:`` command of a file inside the set at ``location``."""
     if is_pipe(location):
-        return location.replace("{}", relpath)
+        return location.replace("{}", shlex.quote(relpath))  # a plain path stays as it is
     if is_url(location):
         return location.rstrip("/") + "/" + relpath
     if location.startswith("file:"):
@@ -166,7 +166,7 @@ class ResumableStream(io.RawIOBase):
         if offset and not ranged:  # re-read from the start: skip what was delivered, undecoded
             left = offset
             while left > 0:
-                data = self._raw_read(raw, min(left, _SKIP_CHUNK))
+                data = self._raw_read(raw, min(left, SKIP_CHUNK))
                 if not data:
                     self._end_of_stream(raw, offset - left)
                 left -= len(data)

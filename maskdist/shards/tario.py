@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import BinaryIO, Iterator
 
-from maskdist.shards.format import FIELDS, IMAGE_EXT, META_EXT, ShardFormatError, split_key
+from maskdist.shards.format import FIELDS, IMAGE_EXT, META_EXT, SKIP_CHUNK, ShardFormatError, split_key
 
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
@@ -23,7 +23,6 @@ REGULAR_TYPES = (b"0", b"\x00", b"7")
 DIRECTORY_TYPE = b"5"
 _PAX, _PAX_GLOBAL = b"x", b"g"
 _LINK_AND_DEVICE_TYPES = (b"1", b"2", b"3", b"4", b"6")
-_SKIP_CHUNK = 1 << 20
 
 
 def _tar_number(field: bytes, what: str, where: str) -> int:
@@ -95,7 +94,7 @@ class TarReader:
             self.offset += n
             return
         while n > 0:
-            step = min(n, _SKIP_CHUNK)
+            step = min(n, SKIP_CHUNK)
             self._read(step, "member data")
             n -= step
 
