@@ -11,7 +11,7 @@
 # Every size is an environment variable, so the same script runs CPU-sized in the tests:
 #   PEOPLE (2700) EVAL_PEOPLE (1800) MODEL (efficientnet_b3) BATCH (128) CROP (150) RESIZE (224)
 #   PRECISION (bf16) WORKERS (4,8,16) TRAIN_WORKERS (8) STEPS (100) FOLD_STEPS (20) EPOCH_STEPS (0: a full
-#   epoch) NPROC (cores for synth and shards) CPU (1: CPU-sized, each run one process without a launcher)
+#   epoch) FOLDS (5) NPROC (cores for synth and shards) CPU (1: CPU-sized, each run one process without a launcher)
 set -euo pipefail
 WORK=${1:-gpu_check}
 PEOPLE=${PEOPLE:-2700}
@@ -26,6 +26,7 @@ TRAIN_WORKERS=${TRAIN_WORKERS:-8}
 STEPS=${STEPS:-100}
 FOLD_STEPS=${FOLD_STEPS:-20}
 EPOCH_STEPS=${EPOCH_STEPS:-0}
+FOLDS=${FOLDS:-5}
 NPROC=${NPROC:-$(nproc)}
 MASKDIST=${MASKDIST:-maskdist}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -51,7 +52,7 @@ section "machine"
 section "data: synth $PEOPLE people, shards"
 [ -f "$WORK/data/synth.json" ] || "$MASKDIST" synth "$WORK/data" --people "$PEOPLE" --eval-people "$EVAL_PEOPLE" --workers "$NPROC" > "$WORK/synth.log"
 [ -f "$WORK/shards/manifest.json" ] || record "$MASKDIST" shards build "$WORK/data/train" --eval "$WORK/data/eval" --out "$WORK/shards" \
-  --folds 5 --workers "$NPROC" --quiet
+  --folds "$FOLDS" --workers "$NPROC" --quiet
 
 section "bench train: $MODEL at $CROP px, $PRECISION"
 record "$MASKDIST" bench train --model "$MODEL" --batch-size "$BATCH" --crop "$CROP" --precision "$PRECISION" --steps 20 --rounds 3
@@ -75,8 +76,8 @@ for tag in ("train/images_per_s", "train/data_wait_frac", "train/step_s", "memor
         print(f"tensorboard {tag}: last {values[-1]:.4g}, mean {sum(values) / len(values):.4g} over {len(values)} logs")
 PY
 
-section "5-fold predict"
-for fold in 1 2 3 4; do
+section "$FOLDS-fold predict"
+for fold in $(seq 1 $(( FOLDS - 1 ))); do
   "${launch[@]}" -m maskdist train --config recipe --shards "$WORK/shards" --fold "$fold" --out "$WORK/runs" --epochs 1 \
     --max-steps "$FOLD_STEPS" --workers "$TRAIN_WORKERS" "${common[@]}" > "$WORK/fold$fold.log" 2>&1
 done

@@ -13,7 +13,7 @@ import pandas as pd
 
 from maskdist import labels
 from maskdist.errors import MaskdistError
-from maskdist.shards.format import EXTRA_FOLD, fold_name
+from maskdist.shards.format import EXTRA, EXTRA_FOLD, fold_name
 
 
 def _strata(people: pd.DataFrame) -> pd.Series:
@@ -23,7 +23,7 @@ def _strata(people: pd.DataFrame) -> pd.Series:
 
 def assign_folds(table: pd.DataFrame, k: int, seed: int = 0) -> pd.DataFrame:
     """A copy of ``table`` with an int column ``fold`` (0..k-1, or EXTRA_FOLD for extra rows)."""
-    competition = table["source"] != "extra"
+    competition = table["source"] != EXTRA
     people = table.loc[competition].drop_duplicates("person")[["person", "source", "gender", "age"]]
     if k < 2:
         raise MaskdistError(f"--folds {k} is too few: k-fold needs at least 2 folds")

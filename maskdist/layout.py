@@ -27,7 +27,7 @@ import pandas as pd
 
 from maskdist import labels
 from maskdist.errors import MaskdistError
-from maskdist.shards.format import UNKNOWN_AGE
+from maskdist.shards.format import COMPETITION, EXTRA, UNKNOWN_AGE
 
 TRAIN_COLUMNS = ("id", "gender", "race", "age", "path")
 EVAL_COLUMNS = ("ImageID", "ans")
@@ -222,7 +222,7 @@ def read_train(
                     "mask": mask,
                     "stem": stem,
                     "label": labels.label_of(mask, gender, age),
-                    "source": "competition",
+                    "source": COMPETITION,
                 })
 
     for entry in sorted(os.scandir(images), key=lambda e: e.name):
@@ -348,7 +348,7 @@ def read_extra(extra_csv: str | os.PathLike, report: LayoutReport) -> pd.DataFra
             "mask": mask,
             "stem": full.stem,
             "label": label,
-            "source": "extra",
+            "source": EXTRA,
         })
     return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
 

@@ -28,7 +28,7 @@ def create_model(
     num_classes: int = NUM_CLASSES,
     drop_rate: float = 0.4,
     pretrained_file: str | Path | None = None,
-    warn_random: bool = True,
+    warn_random: bool = True,  # warnings about the configuration (random weights, inert drop-path)
     drop_path_rate: float = 0.0,
     heads: str = "single",
 ) -> nn.Module:
@@ -72,10 +72,22 @@ def create_model(
             raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MaskdistError(f"pretrained weights {path} do not fit {name} ({first[:200]}): pass weights of that architecture") from None
+    if drop_path_rate and warn_random and not _active_drop_paths(model):
+        warnings.warn(f"{name} has no residual block for stochastic depth to drop: drop-path {drop_path_rate} changes nothing "
+                      "(full-size EfficientNets, ResNets and ConvNeXts have them)", stacklevel=2)
     if heads == "parts":
         _replace_classifier(model, PartHeads(_linear_head(model).in_features))
     init_head(model)
     return model
+
+
+def _active_drop_paths(model: nn.Module) -> int:
+    """How many DropPath layers can drop anything: timm builds one in every EfficientNet block,
+    but a block without a skip connection (stride or width change) never applies it."""
+    from timm.layers import DropPath
+
+    return sum(isinstance(child, DropPath) and getattr(parent, "has_skip", True)
+               for parent in model.modules() for child in parent.children())
 
 
 def _linear_head(model: nn.Module) -> nn.Linear:

@@ -23,6 +23,7 @@ from maskdist import checkpoint, distributed, heads, layout, parallel, stream, t
 from maskdist.errors import MaskdistError
 from maskdist.fileio import atomic_path
 from maskdist.images import ImageError, decode_rgb
+from maskdist.shards.format import eval_key
 from maskdist.shards.manifest import open_shard_set
 
 WEIGHTINGS = ("uniform", "f1")
@@ -223,16 +224,11 @@ class ShardEval(EvalSet):
                 f"{info_path} has {len(info)} rows but the shard set holds {eval_total} eval images: "
                 "rebuild the shards from this eval folder (skipped images are listed in its report.json)"
             )
-        super().__init__(info, info_path, [stream_key(row) for row in range(len(info))])
+        super().__init__(info, info_path, [eval_key(row) for row in range(len(info))])
 
     def loader(self, ensemble, batch_size, rank, world_size, workers):
         tf = transforms.build_transform("none", ensemble.resize, ensemble.crop)
         return stream.eval_loader(self.shard_set, "eval", batch_size, rank=rank, world_size=world_size, workers=workers, transform=tf)
-
-
-def stream_key(row: int) -> str:
-    """The key of the eval sample of info.csv row ``row`` in a shard set."""
-    return f"eval/{row:06d}"
 
 
 class FolderEval(EvalSet):

@@ -95,8 +95,8 @@ def test_bench_predict_and_memory(small_shards, tmp_path):
 
     csv = tmp_path / "memory.csv"
     watched = _cli("bench", "memory", "--every", "0.2", "--csv", str(csv), "--", sys.executable, "-m", "maskdist", "train",
-                   "--shards", str(small_shards), "--fold", "1", "--out", str(tmp_path / "m"), "--epochs", "2",
-                   "--workers", "2", "--model", "test_efficientnet", "--resize", "64", "--crop", "48", "--batch-size", "8",
+                   "--shards", str(small_shards), "--fold", "1", "--out", str(tmp_path / "m"), "--epochs", "1",
+                   "--max-steps", "12", "--workers", "2", "--model", "test_efficientnet", "--resize", "64", "--crop", "48", "--batch-size", "8",
                    tmp_path=tmp_path).stdout
     assert "exit status 0" in watched
     import pandas as pd
@@ -113,15 +113,39 @@ def test_bench_predict_and_memory(small_shards, tmp_path):
 def test_the_gpu_check_script_runs_cpu_sized(tmp_path):
     env = launch_env(tmp_path)
     env.update(CPU="1", PEOPLE="24", EVAL_PEOPLE="8", MODEL="test_efficientnet", BATCH="8", CROP="48", RESIZE="64",
-               PRECISION="no", WORKERS="1,2", TRAIN_WORKERS="1", STEPS="3", FOLD_STEPS="1", EPOCH_STEPS="2", NPROC="2",
+               PRECISION="no", WORKERS="1,2", TRAIN_WORKERS="1", STEPS="3", FOLD_STEPS="1", EPOCH_STEPS="2", NPROC="2", FOLDS="2",
                PATH=str(Path(sys.executable).parent) + os.pathsep + env["PATH"])
     result = subprocess.run(["bash", str(REPO / "launch" / "gpu_check.sh"), str(tmp_path / "check")], env=env, cwd=tmp_path,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = (tmp_path / "check" / "gpu_check_results.txt").read_text()
-    for section in ("== machine", "== bench train", "== bench epoch", "== recipe: one epoch", "== 5-fold predict", "== done"):
+    for section in ("== machine", "== bench train", "== bench epoch", "== recipe: one epoch", "== 2-fold predict", "== done"):
         assert section in results, section
     assert "ratio maskdist / bare" in results and "in memory (ceiling)" in results
     assert "tensorboard train/data_wait_frac" in results and "ratio predict / bare" in results
-    assert "5 models" in results and "macro F1" in results
+    assert "2 models" in results and "macro F1" in results
     assert math.isfinite(float(results.split("ratio predict / bare")[1].split(":")[1].split()[0]))
+
+
+def test_bench_options_reports_each_variant_against_the_recipe_and_continues(small_shards, tmp_path):
+    out = tmp_path / "options"
+    args = ["bench", "options", str(small_shards), "--out", str(out), "--variants", "recipe,parts", "--seeds", "0",
+            "--epochs", "1", "--max-steps", "2", "--workers", "0", "--resize", "64", "--crop", "48", "--batch-size", "8"]
+    first = _cli(*args, "--markdown", tmp_path=tmp_path).stdout
+    cards = {name: json.loads((out / f"{name}-seed0" / "fold0" / "model.json").read_text()) for name in ("recipe", "parts")}
+    assert cards["parts"]["heads"] == "parts" and cards["recipe"]["heads"] == "single"  # the variant's option reached train
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in first.splitlines()
+            if line.startswith("| recipe") or line.startswith("| parts")}
+    for name, card in cards.items():
+        assert rows[name][0] == f"{card['metrics']['macro_f1']:.4f} ± 0.0000"
+    delta = cards["parts"]["metrics"]["macro_f1"] - cards["recipe"]["metrics"]["macro_f1"]
+    assert rows["recipe"][1] == "+0.0000" and rows["parts"][1] == f"{delta:+.4f}"
+    # Re-running continues: a finished run is read, not run again; an interrupted one (no
+    # timing written) is run again whole.
+    recipe_log, parts_log = out / "recipe-seed0.log", out / "parts-seed0.log"
+    before = recipe_log.stat().st_mtime_ns, parts_log.stat().st_mtime_ns
+    (out / "parts-seed0" / "seconds.txt").unlink()
+    second = _cli(*args, tmp_path=tmp_path).stdout
+    assert "[recipe seed 0]" not in second and "[parts seed 0]" in second
+    assert recipe_log.stat().st_mtime_ns == before[0] and parts_log.stat().st_mtime_ns != before[1]
+    assert (out / "parts-seed0" / "seconds.txt").is_file() and "options vs recipe" in second

@@ -31,6 +31,10 @@ EXPECT = {
     "maskdist kfold": "out-of-fold macro F1",
     "maskdist pseudo-label": "pseudo-labelled",
     "maskdist demo": "ensemble macro F1 on the hidden eval answers",
+    "maskdist bench loader": "ratio shard stream / webdataset pipeline",
+    "maskdist bench epoch": "in memory (ceiling)",
+    "maskdist bench predict": "ratio predict / bare",
+    "maskdist bench memory": "worker",
 }
 
 

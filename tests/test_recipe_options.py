@@ -257,12 +257,26 @@ def test_drop_path_rate_reaches_the_blocks():
     def rates(model):
         return [m.drop_prob for m in model.modules() if isinstance(m, DropPath)]
 
-    with_drop_path = rates(create_model("test_efficientnet", warn_random=False, drop_path_rate=0.2, heads="parts"))
+    with_drop_path = rates(create_model("test_vit", warn_random=False, drop_path_rate=0.2, heads="parts"))
     # timm scales the rate up with depth: the last blocks get close to 0.2, none above
-    assert with_drop_path and 0.1 < max(with_drop_path) <= 0.2 and min(with_drop_path) > 0
-    assert rates(create_model("test_efficientnet", warn_random=False)) == []
+    assert with_drop_path and 0.1 < max(with_drop_path) <= 0.2 + 1e-6 and min(with_drop_path) >= 0
+    assert rates(create_model("test_vit", warn_random=False)) == []
     with pytest.raises(MaskdistError, match="drop-path rate 1.0"):
         create_model("test_efficientnet", warn_random=False, drop_path_rate=1.0)
+
+
+def test_drop_path_drops_in_training_only_and_an_inert_one_is_named():
+    torch.manual_seed(0)
+    # (a ViT: residual branches that are not zero at initialisation, unlike timm's ResNets)
+    model = create_model("test_vit", drop_rate=0.0, warn_random=False, drop_path_rate=0.5)
+    images = torch.rand(2, 3, 64, 64)
+    model.train()
+    assert not torch.allclose(model(images), model(images)), "training forwards must drop different paths"
+    model.eval()
+    assert torch.equal(model(images), model(images))
+    # test_efficientnet builds DropPath layers, but none of its blocks has a skip connection
+    with pytest.warns(UserWarning, match="test_efficientnet has no residual block.*drop-path 0.1 changes nothing"):
+        create_model("test_efficientnet", drop_path_rate=0.1, pretrained_file=None)
 
 
 # --- mixup / cutmix ----------------------------------------------------------------------------

@@ -16,7 +16,9 @@ from pathlib import Path
 from maskdist import images, labels
 from maskdist.errors import MaskdistError
 from maskdist.shards.format import (
+    COMPETITION,
     EVAL_SCHEMA,
+    EXTRA,
     EXTRA_FOLD,
     FIELDS,
     IMAGE_EXT,
@@ -303,7 +305,7 @@ def _check_samples(shard_set: ShardSet, entry: dict, samples: list[dict], own: l
 def _train_meta_problem(meta: dict, key: str, entry: dict, age_cut: int) -> str | None:
     if meta["source"] not in SOURCES:
         return f"source {meta['source']!r} is not one of {', '.join(SOURCES)}"
-    if (meta["source"] == "extra") != (entry["fold"] == EXTRA_FOLD):
+    if (meta["source"] == EXTRA) != (entry["fold"] == EXTRA_FOLD):
         return f"source {meta['source']!r} in a {'train/extra' if entry['fold'] == EXTRA_FOLD else 'fold'} shard"
     if meta["fold"] != entry["fold"]:
         return f"fold {meta['fold']} in a shard of fold {entry['fold']}"
@@ -320,6 +322,6 @@ def _train_meta_problem(meta: dict, key: str, entry: dict, age_cut: int) -> str 
         if (label, label_true) != (meta["label"], meta["label_true"]):
             return (f"labels {meta['label']}/{meta['label_true']} disagree with mask {meta['mask']}, gender {meta['gender']},"
                     f" age {meta['age']} (expected {label}/{label_true} at age cut {age_cut}/60)")
-    if meta["source"] == "competition" and not key.startswith(meta["person"] + "/"):
+    if meta["source"] == COMPETITION and not key.startswith(meta["person"] + "/"):
         return f"key does not start with its person {meta['person']!r}"
     return None

@@ -21,7 +21,8 @@ FIELDS = (IMAGE_EXT, META_EXT)  # the only members a sample has, and the only on
 EXTRA = "extra"  # the fold name of outside samples in paths, keys and manifest totals
 EXTRA_FOLD = -1  # ... and their fold number in tables and sample metadata
 UNKNOWN_AGE = -1  # an outside sample labelled by class only: its age in years is unknown
-SOURCES = ("competition", "extra")
+COMPETITION = "competition"  # the source of the competition's own samples ...
+SOURCES = (COMPETITION, EXTRA)  # ... and of outside ones (EXTRA)
 
 # The .json of a sample: field -> type.
 TRAIN_SCHEMA = {"person": str, "id": str, "gender": int, "age": int, "mask": int, "label": int,
