@@ -44,7 +44,7 @@ def test_the_data_wait_share_rises_when_a_slow_transform_starves_the_loop(small_
     # loader's single worker: the model now waits for its batches.
     with pytest.warns(UserWarning, match="enlarged"):
         slow = _wait_share(small_shards, tmp_path, resize=4000)
-    assert slow > 0.5 and slow > fast + 0.3, (fast, slow)
+    assert slow > 0.3 and slow > 2 * fast, (fast, slow)
 
 
 def _cli(*args: str, tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -54,6 +54,7 @@ def _cli(*args: str, tmp_path: Path, timeout: int = 300) -> subprocess.Completed
     return result
 
 
+@pytest.mark.duration(45)
 def test_bench_train_and_epoch_print_their_ratios(small_shards, tmp_path):
     train = json.loads(_cli("bench", "train", "--model", "test_efficientnet", "--batch-size", "8", "--crop", "48",
                             "--steps", "3", "--rounds", "1", "--json", tmp_path=tmp_path).stdout)
@@ -80,6 +81,7 @@ def test_bench_train_and_epoch_print_their_ratios(small_shards, tmp_path):
     assert "in memory (ceiling)" in text and "data wait" in text and "/ ceiling" in text
 
 
+@pytest.mark.duration(70)
 def test_bench_predict_and_memory(small_shards, tmp_path):
     runs = tmp_path / "runs"
     trained = run_launch([sys.executable, "-m", "maskdist", "train", "--shards", str(small_shards), "--fold", "0", "--out",
@@ -109,6 +111,7 @@ def test_bench_predict_and_memory(small_shards, tmp_path):
     assert (samples["rss_mb"] > 1).all()
 
 
+@pytest.mark.duration(115)
 @pytest.mark.skipif(not Path("/bin/bash").exists(), reason="the script is bash")
 def test_the_gpu_check_script_runs_cpu_sized(tmp_path):
     env = launch_env(tmp_path)
@@ -127,6 +130,7 @@ def test_the_gpu_check_script_runs_cpu_sized(tmp_path):
     assert math.isfinite(float(results.split("ratio predict / bare")[1].split(":")[1].split()[0]))
 
 
+@pytest.mark.duration(40)
 def test_bench_options_reports_each_variant_against_the_recipe_and_continues(small_shards, tmp_path):
     out = tmp_path / "options"
     args = ["bench", "options", str(small_shards), "--out", str(out), "--variants", "recipe,parts", "--seeds", "0",

@@ -82,6 +82,7 @@ def test_the_chains_cover_every_page_in_order():
         assert pages == sorted(pages, key=ORDER.index)
 
 
+@pytest.mark.duration(300)
 @pytest.mark.parametrize("chain", sorted(CHAINS))
 def test_bash_commands_run(chain, tmp_path):
     env = dict(os.environ)

@@ -115,6 +115,7 @@ def test_truncated_and_tampered_training_shards_are_skipped_named_and_counted(sh
     assert len(oof) == shard_set.samples("train", [0], extra=False) and oof["key"].is_unique
 
 
+@pytest.mark.duration(22)
 def test_a_class_losing_every_shard_and_the_skip_limit_stop_with_one_line(small_shards, tmp_path):
     lost_set, over_set = tmp_path / "lost", tmp_path / "over"
     shutil.copytree(small_shards, lost_set)
@@ -140,6 +141,7 @@ def test_a_class_losing_every_shard_and_the_skip_limit_stop_with_one_line(small_
     assert "shards verify" in last and "Traceback" not in over.stderr
 
 
+@pytest.mark.duration(33)
 def test_an_unreadable_validation_or_eval_shard_is_a_one_line_error(small_shards, tmp_path):
     shards = tmp_path / "shards"
     shutil.copytree(small_shards, shards)
@@ -354,6 +356,7 @@ def _keys(run_dir: Path) -> list[str]:
     return (run_dir / "batches" / "rank0.txt").read_text().splitlines()
 
 
+@pytest.mark.duration(45)
 def test_sigterm_mid_epoch_then_resume_gives_the_uninterrupted_batches_and_weights(small_shards, tmp_path):
     # with the recipe options whose state must survive too: the EMA weights, mixup's numpy
     # RNG, part heads
@@ -458,6 +461,7 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.duration(35)
 def test_a_killed_ddp_rank_stops_the_others_and_resume_restarts_cleanly(small_shards, tmp_path):
     out = tmp_path / "runs"
     args = _train_args(small_shards, out, 0, 3, "--workers", "1", "--batch-size", "8", "--log-batches",
@@ -496,6 +500,7 @@ def test_a_killed_ddp_rank_stops_the_others_and_resume_restarts_cleanly(small_sh
     assert final["epoch"] == 2 and final["epoch_done"]
 
 
+@pytest.mark.duration(35)
 def test_sigterm_to_a_whole_ddp_job_saves_once_on_every_rank_and_resumes(small_shards, tmp_path):
     """SIGTERM to the launcher and to every rank at once (a scheduler signalling every process
     of the job, the launcher forwarding its own copy): the ranks agree on one step, save

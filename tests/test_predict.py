@@ -17,6 +17,9 @@ from maskdist import checkpoint, metrics, scoring, stream, transforms
 from maskdist.shards.manifest import open_shard_set
 from maskdist.predict import probs_path
 
+# Every test reads the module's trained experiment: one unit for the scheduler, handed out early.
+pytestmark = [pytest.mark.xdist_group("predict-experiment"), pytest.mark.duration(200)]
+
 FOLDS = 3
 TRAIN = ["--model", "test_efficientnet", "--resize", "64", "--crop", "48", "--batch-size", "16", "--workers", "0",
          "--lr", "0.2", "--epochs", "1", "--max-steps", "3"]

@@ -37,6 +37,10 @@ def _people(train: Path) -> list[str]:
     return sorted(p.name for p in (train / "images").iterdir() if not p.name.startswith("."))
 
 
+# The module's tests share expensive module fixtures: one unit for the scheduler.
+pytestmark = [pytest.mark.xdist_group("shards-built"), pytest.mark.duration(60)]
+
+
 @pytest.fixture(scope="module")
 def odd_data(small_synth, tmp_path_factory) -> dict:
     """small_synth plus bad and odd-mode images and an extra CSV; returns what was planted."""

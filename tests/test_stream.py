@@ -308,6 +308,7 @@ def _run_or_kill(cmd: list[str], env: dict, log: Path, timeout: float, what: str
             pytest.fail(f"{what} hung:\n{log.read_text()[-3000:]}")
 
 
+@pytest.mark.duration(38)
 def test_two_process_ddp_equal_steps_and_exact_eval(tiny, tmp_path):
     root, _ = tiny
     out = tmp_path / "out"

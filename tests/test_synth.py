@@ -17,6 +17,10 @@ from maskdist.errors import MaskdistError
 SMALL = dict(people=60, eval_people=30, external=10, seed=3)
 
 
+# The module's tests share expensive module fixtures: one unit for the scheduler.
+pytestmark = [pytest.mark.xdist_group("synth-small"), pytest.mark.duration(40)]
+
+
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """One small dataset written with two workers, shared by the layout tests."""

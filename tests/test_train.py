@@ -44,6 +44,7 @@ def _has_plugin(acc, name: str) -> bool:
         return False
 
 
+# Its tests form one unit for the scheduler (xdist_group), so the run is made once.
 @pytest.fixture(scope="module")
 def ddp_run(small_shards, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
@@ -52,6 +53,8 @@ def ddp_run(small_shards, tmp_path_factory):
     return tmp / "runs" / "fold1", result
 
 
+@pytest.mark.xdist_group("train-ddp-run")
+@pytest.mark.duration(50)
 def test_two_process_ddp_trains_and_validates_each_sample_once(ddp_run, small_shards):
     run_dir, result = ddp_run
     assert "2 process(es)" in result.stdout
@@ -76,6 +79,7 @@ def test_two_process_ddp_trains_and_validates_each_sample_once(ddp_run, small_sh
     assert state["epoch"] == 1 and state["steps_per_epoch"] == 6
 
 
+@pytest.mark.xdist_group("train-ddp-run")
 def test_tensorboard_events_hold_the_promised_tags(ddp_run):
     run_dir, _ = ddp_run
     scalars, images = set(), set()
@@ -119,6 +123,7 @@ def test_tensorboard_events_hold_the_promised_tags(ddp_run):
     assert hparams and any(b"test_efficientnet" in content for h in hparams for content in h.values())
 
 
+@pytest.mark.duration(33)
 def test_killed_run_resumes_to_the_same_epoch_count(small_shards, tmp_path):
     out = tmp_path / "runs"
     cmd = accelerate_cmd(1, *_train_args(small_shards, out, 0, 3, "--max-steps", "4"))
@@ -141,6 +146,7 @@ def test_killed_run_resumes_to_the_same_epoch_count(small_shards, tmp_path):
     assert checkpoint.read_card(out / "fold0")["epoch"] <= 2
 
 
+@pytest.mark.xdist_group("train-ddp-run")
 def test_refuses_to_overwrite_a_trained_fold_and_bad_folds(ddp_run, small_shards, tmp_path):
     run_dir, _ = ddp_run
     # under the launcher: the launcher exits non-zero, the message is the child's one line
@@ -161,6 +167,7 @@ def test_multi_gpu_launcher_without_cuda_is_refused(small_shards, tmp_path):
     assert result.returncode != 0 and "ACCELERATE_USE_CPU=1" in result.stderr
 
 
+@pytest.mark.duration(27)
 def test_two_machines_on_one_host(small_shards, tmp_path):
     """--num_machines 2 with one process each: one launch per machine rank, as on a cluster."""
     port = str(__import__("conftest").free_port())
@@ -185,6 +192,7 @@ def test_two_machines_on_one_host(small_shards, tmp_path):
     assert oof["key"].is_unique and len(oof) == open_shard_set(small_shards).samples("train", [2], extra=False)
 
 
+@pytest.mark.duration(30)
 def test_every_recipe_option_through_two_process_ddp_with_one_ema_on_both_ranks(small_shards, tmp_path):
     """Part heads, EMA, focal+F1, mixup and cutmix, drop-path and the strong augmentation, all
     at once, under a real 2-process gloo launch."""
