@@ -137,9 +137,14 @@ def _config_options(command):
 def train(config_file, **overrides):
     """Train one fold. Run under `accelerate launch -m maskdist train ...` for several processes."""
     from maskdist import config as config_mod
+    from maskdist import parallel
+
+    cfg = config_mod.load(config_file, overrides)
+    if cfg.workers > 0:
+        parallel.start_forkserver()
     from maskdist import train as train_api
 
-    train_api.train(config_mod.load(config_file, overrides))
+    train_api.train(cfg)
 
 
 # --- predict, score, oof, pseudo-label (maskdist.predict, .scoring, .pseudo) --------------
@@ -162,6 +167,10 @@ def predict(runs, shards, eval_dir, info_csv, out, weighting, tta, batch_size, w
 
     RUNS: an experiment folder (all of its fold<K>) or fold run folders one by one.
     """
+    from maskdist import parallel
+
+    if workers > 0:
+        parallel.start_forkserver()
     from maskdist import predict as predict_api
 
     summary = predict_api.predict(runs, out, shards=shards, eval_dir=eval_dir, info_csv=info_csv, weighting=weighting,

@@ -1,6 +1,7 @@
 """Train every fold, then predict with the ensemble: one command on 1 CPU, N GPUs or a node.
 
-Each fold is one ``accelerate launch -m maskdist train --config PLAN`` where PLAN is the
+Each fold is one ``accelerate launch -m maskdist train --config PLAN`` (a plain
+``python -m maskdist train`` for one process without an accelerate config) where PLAN is the
 fold's resolved :class:`~maskdist.config.TrainConfig` written as YAML (a fresh process group
 per fold, so a failure is contained and ``--resume`` picks it up). Folds run one after
 another on all processes, or side by side on disjoint GPU subsets (``parallel_folds``). Folds
@@ -63,7 +64,11 @@ def free_port() -> int:
 
 
 def launch_command(plan: KFoldPlan, processes: int, module_args: Sequence[str]) -> list[str]:
-    """``accelerate launch`` of ``python -m maskdist ...`` for ``processes`` processes."""
+    """``accelerate launch`` of ``python -m maskdist ...`` for ``processes`` processes; one
+    process without an accelerate config runs directly (the launcher would only start it,
+    after seconds of its own start-up)."""
+    if processes == 1 and not plan.accelerate_config:
+        return [sys.executable, "-m", "maskdist", *module_args]
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if plan.accelerate_config:
         cmd += ["--config_file", plan.accelerate_config]

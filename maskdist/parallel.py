@@ -44,6 +44,15 @@ def context(preload: tuple[str, ...] = LOADER_MODULES):
     return ctx
 
 
+def start_forkserver(preload: tuple[str, ...] = LOADER_MODULES) -> None:
+    """Start the forkserver now, so that it imports ``preload`` on another core while this
+    process imports and builds the model, instead of when the first loader needs workers."""
+    if context(preload).get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+
 def _wait_for_exit(pid: int) -> None:
     """Return when process ``pid`` has ended."""
     try:
