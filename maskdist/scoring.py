@@ -9,9 +9,7 @@ import numpy as np
 import pandas as pd
 
 from maskdist import labels, layout, metrics
-from maskdist.checkpoint import OOF
 from maskdist.errors import MaskdistError
-from maskdist.predict import find_members
 
 
 
@@ -43,6 +41,9 @@ def score_submission(submission: str | os.PathLike, answers: str | os.PathLike) 
 
 def oof_scores(experiment: str | os.PathLike) -> dict:
     """Macro F1 of each fold's best epoch, and of all out-of-fold predictions together."""
+    from maskdist.checkpoint import OOF  # here, not at the top: `maskdist score` needs no torch
+    from maskdist.predict import find_members
+
     runs = find_members([experiment])
     frames = []
     for run in runs:

@@ -116,7 +116,7 @@ def test_bench_predict_and_memory(small_shards, tmp_path):
 def test_the_gpu_check_script_runs_cpu_sized(tmp_path):
     env = launch_env(tmp_path)
     env.update(CPU="1", PEOPLE="24", EVAL_PEOPLE="8", MODEL="test_efficientnet", BATCH="8", CROP="48", RESIZE="64",
-               PRECISION="no", WORKERS="1,2", TRAIN_WORKERS="1", STEPS="3", FOLD_STEPS="1", EPOCH_STEPS="2", NPROC="2", FOLDS="2",
+               PRECISION="no", WORKERS="1", TRAIN_WORKERS="1", STEPS="3", FOLD_STEPS="1", EPOCH_STEPS="2", NPROC="2", FOLDS="2",
                PATH=str(Path(sys.executable).parent) + os.pathsep + env["PATH"])
     result = subprocess.run(["bash", str(REPO / "launch" / "gpu_check.sh"), str(tmp_path / "check")], env=env, cwd=tmp_path,
                             capture_output=True, text=True, timeout=900)

@@ -78,3 +78,13 @@ def test_perfect_predictions_score_one():
     y = np.arange(18).repeat(3)
     s = metrics.score(y, y)
     assert s.macro_f1 == 1.0 and s.accuracy == 1.0 and all(v == 1.0 for v in s.part_f1.values())
+
+
+def test_scoring_a_submission_does_not_import_torch():
+    # `maskdist score` runs often (CI gates, notebooks): seconds of torch import for a CSV
+    # comparison would be waste
+    import subprocess
+    import sys
+
+    code = "import sys, maskdist.scoring; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
