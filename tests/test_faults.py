@@ -280,6 +280,19 @@ def test_a_pipe_command_that_fails_once_is_retried(small_shards, tmp_path):
     assert hashlib.sha256(got).hexdigest() == shard["sha256"]
 
 
+def test_bytes_a_failed_command_wrote_before_it_exited_are_kept(small_shards):
+    shard = max(open_shard_set(small_shards).shards("train"), key=lambda s: s["bytes"])
+    # every read of the shard writes its first 700 bytes, then the command fails
+    command = f"pipe:case {{}} in *.tar) head -c 700 {small_shards}/{{}}; exit 3;; *) cat {small_shards}/{{}};; esac"
+    remote = open_shard_set(command, RetryPolicy(tries=2, backoff_s=0.01))
+    with remote.open(shard["path"], shard["bytes"]) as stream:
+        proc = stream._raw.proc  # white-box: make the race certain, the command ends before the first read
+        proc.wait(timeout=30)
+        assert proc.returncode == 3
+        with pytest.raises(ShardReadError, match=r"command exited with status 3 at byte 700 \(2 tries\)"):
+            stream.read()
+
+
 def test_training_from_a_flaky_http_server_reads_every_sample(small_shards, tmp_path):
     shard_set = open_shard_set(small_shards)
     train_shards = _small_classes(shard_set, 1, [1, 2], 2)

@@ -189,9 +189,13 @@ class ResumableStream(io.RawIOBase):
     # --- reading ------------------------------------------------------------------------
 
     def _raw_read(self, raw, n: int) -> bytes:
+        # gopen's Pipe.read raises as soon as its command has exited non-zero, dropping the
+        # bytes it has just read (a dropped connection's last delivered part): read the pipe
+        # itself, and judge the exit status at the end of the stream (_end_of_stream).
+        source = raw.stream if getattr(raw, "proc", None) is not None else raw
         try:
-            return raw.read(n)
-        except OSError as err:  # gopen's Pipe raises IOError when its command exits non-zero
+            return source.read(n)
+        except OSError as err:
             status = _exit_status(raw)
             if not status:
                 raise _Transient(f"read failed ({err})") from None
