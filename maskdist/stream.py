@@ -134,9 +134,9 @@ def derive_seed(seed: int, *parts: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
-def folds_except(shard_set: ShardSet, fold: int) -> list[int]:
-    """The training folds when ``fold`` is held out."""
-    held_out = shard_set.check_fold(fold)
+def folds_except(shard_set: ShardSet, fold: int, what: str = "fold") -> list[int]:
+    """The training folds when ``fold`` is held out (``what``: its name in the error)."""
+    held_out = shard_set.check_fold(fold, what)
     return [k for k in range(shard_set.folds) if k != held_out]
 
 
@@ -633,7 +633,7 @@ class StreamLoader:
         self.workers = int(workers)
         self.max_skipped = float(max_skipped)
         self.skipped: dict[str, tuple[str, int]] = {}
-        self._resumed_skipped: dict[str, tuple[str, int]] = {}
+        self._resumed: tuple[int, dict[str, tuple[str, int]]] = (-1, {})  # (epoch, skipped) before a resume
         self._warned: set[str] = set()
         kwargs = {}
         if self.workers > 0:
@@ -650,8 +650,7 @@ class StreamLoader:
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Call before iterating an epoch (persistent workers read it when the epoch starts);
         ``start_step``: the first batch to yield (a resumed epoch skips the ones before)."""
-        epoch_skipped = getattr(self.dataset, "preskipped", (-1, ()))
-        self.skipped = dict(self._resumed_skipped) if epoch == epoch_skipped[0] else {}
+        self.skipped = dict(self._resumed[1]) if epoch == self._resumed[0] else {}
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch, start_step)
 
@@ -659,7 +658,7 @@ class StreamLoader:
         """Shards this rank had skipped in ``epoch`` before an interruption (path -> (reason,
         samples)): counted again, and skipped again by the workers. Call before the first
         iteration (the workers get the list when they start)."""
-        self._resumed_skipped = {path: tuple(value) for path, value in skipped.items()}
+        self._resumed = (int(epoch), {path: tuple(value) for path, value in skipped.items()})
         self._warned |= set(skipped)
         self.dataset.preskipped = (int(epoch), tuple(skipped))
 

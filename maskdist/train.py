@@ -379,8 +379,7 @@ def setup(cfg: config_mod.TrainConfig, log_dir: Path | None = None) -> Run:
     accelerator = distributed.make_accelerator(cfg.precision, cfg.timeout_s, cfg.grad_accum, log_dir=log_dir)
     rank, world = accelerator.process_index, accelerator.num_processes
     shard_set = open_shard_set(cfg.shards, RetryPolicy(cfg.read_tries, cfg.read_backoff_s))
-    shard_set.check_fold(cfg.fold, "--fold")
-    train_folds = stream.folds_except(shard_set, cfg.fold)
+    train_folds = stream.folds_except(shard_set, cfg.fold, "--fold")
     counts = shard_set.class_counts(train_folds)
 
     set_seed(cfg.seed)  # same init on every rank; the streams seed per rank and worker themselves

@@ -115,6 +115,34 @@ def test_truncated_and_tampered_training_shards_are_skipped_named_and_counted(sh
     assert len(oof) == shard_set.samples("train", [0], extra=False) and oof["key"].is_unique
 
 
+def test_shards_skipped_before_an_interruption_stay_skipped_and_counted_after_resume(shard_copy):
+    from maskdist import stream
+
+    shard_set = open_shard_set(shard_copy)
+    (bad,) = _small_classes(shard_set, 1, [1, 2], 1)
+    path = shard_copy / bad["path"]
+    original = path.read_bytes()
+    with tarfile.open(path) as tar:
+        keys = {member.name.rsplit(".", 1)[0] for member in tar.getmembers()}
+    path.write_bytes(original[: int(len(original) * 0.4)])  # damaged during epoch 0 ...
+    args = dict(batch_size=4, workers=0, seed=0, transform=None, max_skipped=0.5)
+    first, steps = stream.train_loader(shard_set, [1, 2], **args)
+    first.set_epoch(0)
+    for _batch in first:
+        pass
+    assert set(first.skipped) == {bad["path"]}
+    path.write_bytes(original)  # ... and readable again by the time the run resumes
+    resumed, _ = stream.train_loader(shard_set, [1, 2], **args)
+    resumed.resume_skipped(0, first.skipped)
+    resumed.set_epoch(0, start_step=steps // 2)
+    seen = {key for batch in resumed for key in batch["key"]}
+    assert not seen & keys, "a shard skipped before the interruption was read in the resumed epoch"
+    assert resumed.skipped == first.skipped  # and still counted in that epoch's totals
+    resumed.set_epoch(1)  # the next epoch starts clean and reads the shard again
+    seen = {key for batch in resumed for key in batch["key"]}
+    assert seen & keys and resumed.skipped == {}
+
+
 @pytest.mark.duration(22)
 def test_a_class_losing_every_shard_and_the_skip_limit_stop_with_one_line(small_shards, tmp_path):
     lost_set, over_set = tmp_path / "lost", tmp_path / "over"

@@ -618,7 +618,7 @@ def test_a_manifest_path_that_is_not_a_shard_path_is_refused(built, tmp_path):
     """Paths go into pipe: commands: anything but the builder's own path grammar is refused."""
     bad = _copy_set(built, tmp_path)
     manifest = json.loads((bad / "manifest.json").read_text())
-    manifest["shards"][0]["path"] = "train/fold0/x.tar; touch PWNED"
+    manifest["shards"][0]["path"] = f"train/fold0/x.tar; touch {tmp_path}/PWNED"
     (bad / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(MaskdistError, match="is not a shard path of this format"):
         open_shard_set(f"pipe:cat {bad}/{{}}")

@@ -28,6 +28,7 @@ from conftest import free_port
 from maskdist import stream
 from maskdist.errors import MaskdistError
 from maskdist.shards.manifest import open_shard_set
+from maskdist.transforms import build_transform
 
 REPO = Path(__file__).resolve().parents[1]
 FOLDS = 3
@@ -414,7 +415,7 @@ def test_read_shard_skips_folders_and_refuses_links_and_truncation(tiny, tmp_pat
 
 def test_worker_batches_equal_in_process_batches(tiny):
     shard_set = open_shard_set(tiny[0])
-    transform = __import__("maskdist.transforms", fromlist=["x"]).build_transform("none", resize=(20, 24), crop=(16, 16))
+    transform = build_transform("none", resize=(20, 24), crop=(16, 16))
 
     def by_key(workers):
         loader = stream.eval_loader(shard_set, "eval", 4, workers=workers, transform=transform)
@@ -486,7 +487,7 @@ def test_a_resumed_epoch_yields_the_rest_of_the_uninterrupted_epoch(tiny, worker
     pixels, for every s: the DataLoader's worker turns, the per-batch augmentation seeds and
     the undecoded skipping all line up."""
     shard_set = open_shard_set(tiny[0])
-    transform = __import__("maskdist.transforms", fromlist=["x"]).build_transform("light", resize=(20, 24), crop=(16, 16))
+    transform = build_transform("light", resize=(20, 24), crop=(16, 16))
     loader, steps = stream.train_loader(shard_set, [1, 2], batch_size=4, workers=workers, seed=3, transform=transform,
                                         shuffle_buffer=8)
     try:
