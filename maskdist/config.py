@@ -16,6 +16,10 @@ import yaml
 
 from maskdist.errors import MaskdistError
 
+# Prediction choices, shared by `predict`, `kfold` and `pseudo-label`.
+TTAS = ("none", "hflip")  # test-time augmentation: the image, or it and its mirror
+WEIGHTINGS = ("uniform", "f1")  # fold models weighted equally, or by their validation macro F1
+
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None):
     return field(default=default, metadata={"help": help, "choices": choices})
@@ -170,6 +174,6 @@ def resolve_config(name_or_path: str | Path) -> Path:
 
 def save(config: TrainConfig, path: Path) -> None:
     """The resolved config as YAML (written atomically)."""
-    from maskdist.fileio import atomic_write_text
+    from maskdist.system.fileio import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

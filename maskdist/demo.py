@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from maskdist import config as config_mod
-from maskdist import kfold, scoring, synth
+from maskdist.data import synth
+from maskdist.infer import scoring
+from maskdist.infer.predict import probs_path
 from maskdist.shards.format import MANIFEST
-from maskdist.predict import probs_path
-from maskdist.train import fold_finished
+from maskdist.train import kfold
+from maskdist.train.state import fold_finished
 
 
 def free_cores() -> int:

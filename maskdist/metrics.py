@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from maskdist import labels
+from maskdist.data import labels
 
 
 def confusion(y_true, y_pred, classes: int) -> np.ndarray:

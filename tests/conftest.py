@@ -1,10 +1,15 @@
 """Shared fixtures: small synthetic datasets written once per test session."""
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+from maskdist.train.kfold import free_port  # noqa: F401  (tests import it from here)
 
 
 def pytest_collection_modifyitems(items):
@@ -21,7 +26,7 @@ def pytest_collection_modifyitems(items):
 def small_synth(tmp_path_factory) -> Path:
     """A small synthetic competition folder (train + eval), written once. Do not modify it:
     copy it with ``synth_copy`` first."""
-    from maskdist.synth import write_dataset
+    from maskdist.data.synth import write_dataset
 
     out = tmp_path_factory.mktemp("synth") / "data"
     write_dataset(out, people=40, eval_people=12, seed=3, workers=1)
@@ -38,11 +43,6 @@ def synth_copy(small_synth, tmp_path) -> Path:
 
 # --- training fixtures ----------------------------------------------------------------------
 
-import os
-import subprocess
-import sys
-
-from maskdist.kfold import free_port  # noqa: E402,F401  (tests import it from here)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, launch_env, run_launch
+
 from maskdist import config as config_mod
-from maskdist.train import EpochTally, setup, train_epoch
+from maskdist.train import EpochTally, setup, train_epoch  # the package exports these names
 
 TINY = {"model": "test_efficientnet", "batch_size": 8, "resize": 64, "crop": 48, "lr": 0.1, "timeout_s": 60}
 

@@ -23,16 +23,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import procs
 import pytest
+from conftest import accelerate_cmd, launch_env, run_launch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import procs
-from conftest import accelerate_cmd, launch_env, run_launch
-from maskdist import checkpoint
-from maskdist.preemption import PREEMPTED_EXIT
 from maskdist.shards.manifest import open_shard_set
 from maskdist.shards.opener import RetryPolicy, ShardReadError
+from maskdist.train import checkpoint
+from maskdist.train.preemption import PREEMPTED_EXIT
 
 FAST = ["--model", "test_efficientnet", "--resize", "64", "--crop", "48", "--batch-size", "16", "--lr", "0.2",
         "--timeout-s", "60", "--read-backoff-s", "0.05"]
@@ -116,7 +116,7 @@ def test_truncated_and_tampered_training_shards_are_skipped_named_and_counted(sh
 
 
 def test_shards_skipped_before_an_interruption_stay_skipped_and_counted_after_resume(shard_copy):
-    from maskdist import stream
+    from maskdist import streams
 
     shard_set = open_shard_set(shard_copy)
     (bad,) = _small_classes(shard_set, 1, [1, 2], 1)
@@ -126,13 +126,13 @@ def test_shards_skipped_before_an_interruption_stay_skipped_and_counted_after_re
         keys = {member.name.rsplit(".", 1)[0] for member in tar.getmembers()}
     path.write_bytes(original[: int(len(original) * 0.4)])  # damaged during epoch 0 ...
     args = dict(batch_size=4, workers=0, seed=0, transform=None, max_skipped=0.5)
-    first, steps = stream.train_loader(shard_set, [1, 2], **args)
+    first, steps = streams.train_loader(shard_set, [1, 2], **args)
     first.set_epoch(0)
     for _batch in first:
         pass
     assert set(first.skipped) == {bad["path"]}
     path.write_bytes(original)  # ... and readable again by the time the run resumes
-    resumed, _ = stream.train_loader(shard_set, [1, 2], **args)
+    resumed, _ = streams.train_loader(shard_set, [1, 2], **args)
     resumed.resume_skipped(0, first.skipped)
     resumed.set_epoch(0, start_step=steps // 2)
     seen = {key for batch in resumed for key in batch["key"]}
@@ -348,7 +348,7 @@ def test_training_from_a_flaky_http_server_reads_every_sample(small_shards, tmp_
 def _kill9_leaves_nothing(cmd: list[str], tmp_path: Path, workers: int, ready: str | None = None) -> None:
     """Start ``cmd``; once it has ``workers`` worker processes below it (and ``ready`` exists,
     if given), kill -9 it; every process below it must be gone within a few seconds."""
-    log = open(tmp_path / "kill9.log", "w")
+    log = open(tmp_path / "kill9.log", "w")  # noqa: SIM115 (the child writes it until it ends; closed below)
     proc = subprocess.Popen(cmd, env=launch_env(tmp_path), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     try:
         def started():
@@ -450,9 +450,9 @@ def test_kill_9_during_state_saves_leaves_the_previous_state_loadable(tmp_path):
     script.write_text(f"""
 import sys, torch
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
-from maskdist import distributed
-from maskdist.model import create_model
-from maskdist.train import _save_state
+from maskdist.system import distributed
+from maskdist.model.factory import create_model
+from maskdist.train.state import save_state
 accelerator = distributed.make_accelerator()
 model = create_model("efficientnet_b0", drop_rate=0.0, warn_random=False)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -463,13 +463,13 @@ while True:
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(float(i))
-    _save_state(accelerator, run, {{"i": i}})
+    save_state(accelerator, run, {{"i": i}})
     print(i, flush=True)
     i += 1
 """)
-    from maskdist import distributed
-    from maskdist.model import create_model
-    from maskdist.train import _load_trainer_state
+    from maskdist.model.factory import create_model
+    from maskdist.system import distributed
+    from maskdist.train.state import load_trainer_state
 
     run = tmp_path / "run"
     for delay in (2.0, 2.7, 3.3):
@@ -479,7 +479,7 @@ while True:
         time.sleep(delay - 2.0 + 0.05)
         proc.kill()
         proc.wait()
-        trainer = _load_trainer_state(run)  # restores state.old if the kill fell between the renames
+        trainer = load_trainer_state(run)  # restores state.old if the kill fell between the renames
         assert trainer is not None
         accelerator = distributed.make_accelerator()
         model = accelerator.prepare(create_model("efficientnet_b0", drop_rate=0.0, warn_random=False))
@@ -507,7 +507,7 @@ def test_a_killed_ddp_rank_stops_the_others_and_resume_restarts_cleanly(small_sh
     out = tmp_path / "runs"
     args = _train_args(small_shards, out, 0, 3, "--workers", "1", "--batch-size", "8", "--log-batches",
                        "--checkpoint-every", "2")
-    log = open(tmp_path / "ddp.log", "w")
+    log = open(tmp_path / "ddp.log", "w")  # noqa: SIM115 (the child writes it until it ends; closed below)
     launch = subprocess.Popen(accelerate_cmd(2, *args), env=launch_env(tmp_path), cwd=tmp_path, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -548,7 +548,7 @@ def test_sigterm_to_a_whole_ddp_job_saves_once_on_every_rank_and_resumes(small_s
     together, exit, and leave no process behind; --resume then finishes the run."""
     out = tmp_path / "runs"
     args = _train_args(small_shards, out, 0, 2, "--workers", "1", "--batch-size", "4", "--log-batches")
-    log = open(tmp_path / "ddp.log", "w")
+    log = open(tmp_path / "ddp.log", "w")  # noqa: SIM115 (the child writes it until it ends; closed below)
     launch = subprocess.Popen(accelerate_cmd(2, *args), env=launch_env(tmp_path), cwd=tmp_path, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:

@@ -4,18 +4,18 @@ import os
 import pytest
 import torch
 
-from maskdist import checkpoint, fileio
 from maskdist.errors import MaskdistError
-from maskdist.model import create_model
+from maskdist.model.factory import create_model
+from maskdist.system import fileio
+from maskdist.train import checkpoint
 
 
 def test_failed_write_keeps_the_previous_file_and_leaves_no_temp(tmp_path):
     target = tmp_path / "model.json"
     fileio.atomic_write_text(target, "old")
-    with pytest.raises(RuntimeError):
-        with fileio.atomic_open(target) as handle:
-            handle.write("half of the new conte")
-            raise RuntimeError("killed mid-write")  # stands in for a kill during the save
+    with pytest.raises(RuntimeError), fileio.atomic_open(target) as handle:
+        handle.write("half of the new conte")
+        raise RuntimeError("killed mid-write")  # stands in for a kill during the save
     assert target.read_text() == "old"
     assert sorted(os.listdir(tmp_path)) == ["model.json"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from maskdist import folds, labels, layout
+from maskdist.data import folds, labels, layout
 from maskdist.errors import MaskdistError
 
 

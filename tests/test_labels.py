@@ -3,7 +3,7 @@ import itertools
 
 import pytest
 
-from maskdist import labels
+from maskdist.data import labels
 from maskdist.errors import MaskdistError
 
 

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from maskdist import labels, layout
 from maskdist.cli import main
+from maskdist.data import labels, layout
 from maskdist.errors import MaskdistError
 
 
@@ -192,7 +192,8 @@ def test_eval_keeps_info_csv_order_and_reports_gaps(synth_copy):
     (eval_dir / "images" / "stray.jpg").write_bytes(b"x")
     table, report = layout.read_eval(eval_dir)
     assert gone not in set(table["image_id"]) and table["row"].tolist() == [r for r in range(len(info)) if r != 2]
-    assert {(p.kind, p.where) for p in report.problems if p.kind != "junk"} == {("missing-image", f"images/{gone}"), ("unlisted-image", "images/stray.jpg")}
+    expected = {("missing-image", f"images/{gone}"), ("unlisted-image", "images/stray.jpg")}
+    assert {(p.kind, p.where) for p in report.problems if p.kind != "junk"} == expected
     (eval_dir / "info.csv").write_text("ImageID\nx.jpg\n")
     with pytest.raises(MaskdistError, match="lacks column.*ans"):
         layout.read_eval(eval_dir)

@@ -5,8 +5,10 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import confusion_matrix, f1_score
 
-from maskdist import labels, losses, metrics
+from maskdist import metrics
+from maskdist.data import labels
 from maskdist.errors import MaskdistError
+from maskdist.model import losses
 
 
 @pytest.fixture
@@ -86,5 +88,5 @@ def test_scoring_a_submission_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, maskdist.scoring; sys.exit('torch' in sys.modules)"
+    code = "import sys, maskdist.infer.scoring; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

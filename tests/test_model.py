@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from maskdist.errors import MaskdistError
-from maskdist.model import create_model, normalisation
+from maskdist.model.factory import create_model, normalisation
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import accelerate_cmd, launch_env, run_launch
-from maskdist import checkpoint, metrics, scoring, stream, transforms
+
+from maskdist import metrics, streams
+from maskdist.data import transforms
+from maskdist.infer import scoring
+from maskdist.infer.predict import probs_path
 from maskdist.shards.manifest import open_shard_set
-from maskdist.predict import probs_path
+from maskdist.train import checkpoint
 
 # Every test reads the module's trained experiment: one unit for the scheduler, handed out early.
 pytestmark = [pytest.mark.xdist_group("predict-experiment"), pytest.mark.duration(200)]
@@ -70,7 +73,7 @@ def test_ensemble_is_the_mean_of_fold_models(experiment, small_shards, small_syn
         tf = transforms.build_transform("none", card["image"]["resize"], card["image"]["crop"])
         rows = {}
         with torch.no_grad():
-            for batch in stream.eval_loader(shard_set, "eval", batch_size=5, workers=0, transform=tf):
+            for batch in streams.eval_loader(shard_set, "eval", batch_size=5, workers=0, transform=tf):
                 x = transforms.to_device(batch["image"], "cpu", card["normalisation"]["mean"], card["normalisation"]["std"])
                 for row, p in zip(batch["row"].tolist(), torch.softmax(model(x), dim=1).numpy()):
                     rows[row] = p
@@ -165,7 +168,7 @@ def test_pseudo_labels_go_to_training_folds_only(experiment, small_synth, tmp_pa
 
 
 def test_pseudo_label_part_thresholds_keep_what_each_part_is_sure_of(experiment, small_synth, tmp_path):
-    from maskdist.predict import ensemble_probs, folder_loader, load_ensemble
+    from maskdist.infer.predict import ensemble_probs, folder_loader, load_ensemble
 
     outside = tmp_path / "outside"
     outside.mkdir()

@@ -15,10 +15,13 @@ from safetensors.torch import load_file, save_file
 from timm.layers import DropPath
 from torch import nn
 
-from maskdist import checkpoint, heads, labels, losses, metrics, mixing, transforms
-from maskdist.ema import Ema
+from maskdist import metrics
+from maskdist.data import labels, transforms
 from maskdist.errors import MaskdistError
-from maskdist.model import create_model
+from maskdist.model import heads, losses, mixing
+from maskdist.model.ema import Ema
+from maskdist.model.factory import create_model
+from maskdist.train import checkpoint
 
 COUNTS = [500, 400, 60, 700, 550, 80, 100, 80, 12, 140, 110, 16, 100, 80, 12, 140, 110, 16]
 
@@ -179,13 +182,12 @@ def test_part_loss_is_the_sum_of_three_focal_losses(soft):
     g = torch.Generator().manual_seed(6)
     logits8 = torch.randn(24, 8, generator=g) * 2
     target = _soft_targets(24, 18) if soft else torch.randint(0, 18, (24,), generator=g)
-    loss = heads.PartLoss(COUNTS, gamma=2.0, label_smoothing=0.1)
+    loss = losses.PartLoss(COUNTS, gamma=2.0, label_smoothing=0.1)
     expected = 0
     for k, (start, size) in enumerate(((0, 3), (3, 2), (5, 3))):
         part_counts = [sum(n for c, n in enumerate(COUNTS) if labels.decode(c)[k] == v) for v in range(size)]
         if soft:
-            part_target = torch.stack([soft_col for soft_col in (
-                sum(target[:, c] for c in range(18) if labels.decode(c)[k] == v) for v in range(size))], dim=1)
+            part_target = torch.stack([sum(target[:, c] for c in range(18) if labels.decode(c)[k] == v) for v in range(size)], dim=1)
         else:
             part_target = torch.tensor([labels.decode(int(c))[k] for c in target])
         focal = losses.FocalLoss(2.0, losses.class_weights(part_counts), label_smoothing=0.1)
@@ -314,7 +316,7 @@ def test_mixing_is_reproducible_from_numpy_alone(mode):
         return [mixer(_images(6, i), torch.arange(6) * 3) for i in range(4)]
 
     first, again, other_torch, other_numpy = run(1, 0), run(1, 7), run(1, 0), run(2, 0)
-    for (xa, ya), (xb, yb), (xc, yc) in zip(first, again, other_torch):
+    for (xa, ya), (xb, yb), (xc, _yc) in zip(first, again, other_torch):
         assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(xa, xc)
         torch.testing.assert_close(ya.sum(dim=1), torch.ones(6))
     assert any(not torch.equal(ya, yb) for (_, ya), (_, yb) in zip(first, other_numpy))

@@ -4,7 +4,7 @@ import torch
 
 from maskdist import config
 from maskdist.errors import MaskdistError
-from maskdist.schedule import WarmRestarts, scaled_lr
+from maskdist.train.schedule import WarmRestarts, scaled_lr
 
 
 @pytest.mark.parametrize("t0,mult", [(2, 1), (1, 2)])
@@ -56,7 +56,6 @@ def test_bad_config_is_one_clear_line(tmp_path, text, needle):
 
 def test_presets_and_launch_configs_load(tmp_path):
     import yaml
-
     from conftest import REPO
 
     for name in config.presets():

@@ -18,13 +18,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from maskdist import images, labels
 from maskdist import shards as shards_api
-from maskdist.shards import build as shards_build
-from maskdist.shards import format as shard_format
-from maskdist.shards import tario
 from maskdist.cli import main
+from maskdist.data import images, labels
 from maskdist.errors import MaskdistError
+from maskdist.shards import build as shards_build, format as shard_format, tario
 from maskdist.shards.manifest import open_shard_set
 
 SHARD_SIZE = 8  # small, so groups span several shards
@@ -338,9 +336,9 @@ def test_verify_catches_missing_truncated_and_tampered(built, tmp_path):
     lines = result.output.splitlines()
     for path in (missing, truncated, tampered, smuggled):
         assert any(line.startswith(f"{path}: ") for line in lines), (path, result.output)
-    assert any(missing in l and "missing" in l for l in lines)
-    assert any(tampered in l and "label" in l for l in lines)
-    assert any(smuggled in l and ".pyd" in l for l in lines)
+    assert any(missing in line and "missing" in line for line in lines)
+    assert any(tampered in line and "label" in line for line in lines)
+    assert any(smuggled in line and ".pyd" in line for line in lines)
     quick = runner.invoke(main, ["shards", "verify", str(root), "--quick", "--quiet"])
     assert quick.exit_code == 1
     assert all(any(line.startswith(f"{p}: ") for line in quick.output.splitlines()) for p in (missing, truncated, tampered, smuggled))
@@ -606,9 +604,9 @@ def test_sets_built_before_the_webdataset_writer_read_and_match_it_byte_for_byte
     manifest["image"].pop("size")  # sets from before exact sizes had no "size" entry
     (old / "manifest.json").write_text(json.dumps(manifest))
     assert shards_api.verify_shards(old).ok
-    from maskdist import stream
+    from maskdist import streams
 
-    loader = stream.eval_loader(open_shard_set(old), 0, batch_size=4, workers=0, transform=None)
+    loader = streams.eval_loader(open_shard_set(old), 0, batch_size=4, workers=0, transform=None)
     keys = [k for batch in loader for k in batch["key"]]
     assert sorted(keys) == sorted(s["key"] for p in manifest["shards"] if p["split"] == "train" and p["fold"] == 0
                                   for s in _read_set(old)[p["path"]])

@@ -6,6 +6,7 @@ loader must survive is present and each test runs in seconds.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -22,13 +23,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from conftest import free_port
 
-from maskdist import stream
+from maskdist import streams
+from maskdist.data.transforms import build_transform
 from maskdist.errors import MaskdistError
+from maskdist.shards.format import ShardFormatError
 from maskdist.shards.manifest import open_shard_set
-from maskdist.transforms import build_transform
+from maskdist.streams import training as stream_training
 
 REPO = Path(__file__).resolve().parents[1]
 FOLDS = 3
@@ -123,8 +125,8 @@ def tiny(tmp_path_factory):
 
 
 def _all_keys(shard_set, which) -> list[str]:
-    shards, _ = stream.eval_shards(shard_set, which)
-    return [s["__key__"] for shard in shards for s in stream.read_shard(shard_set, shard["path"])]
+    shards, _ = streams.eval_shards(shard_set, which)
+    return [s["__key__"] for shard in shards for s in streams.read_shard(shard_set, shard["path"])]
 
 
 # --- training stream -------------------------------------------------------------------------
@@ -133,11 +135,11 @@ def _all_keys(shard_set, which) -> list[str]:
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 def test_class_shares_follow_alpha(tiny, alpha):
     shard_set = open_shard_set(tiny[0])
-    folds = stream.folds_except(shard_set, 0)
+    folds = streams.folds_except(shard_set, 0)
     counts = shard_set.class_counts(folds)
     expected = [n ** alpha if n else 0.0 for n in counts]
     expected = [e / sum(expected) for e in expected]
-    loader, steps = stream.train_loader(shard_set, folds, batch_size=100, workers=0, seed=1, alpha=alpha,
+    loader, steps = streams.train_loader(shard_set, folds, batch_size=100, workers=0, seed=1, alpha=alpha,
                                         transform=None, shuffle_buffer=50)
     # several epochs of an infinite stream: 10,000+ samples, tolerance 2 percentage points
     seen = Counter()
@@ -158,7 +160,7 @@ def test_every_rank_yields_exactly_steps_full_batches(tiny, world, workers, batc
     folds = [1, 2]
     n = shard_set.samples("train", folds)
     for rank in range(world):
-        loader, steps = stream.train_loader(shard_set, folds, batch, rank=rank, world_size=world, workers=workers,
+        loader, steps = streams.train_loader(shard_set, folds, batch, rank=rank, world_size=world, workers=workers,
                                             transform=None, shuffle_buffer=8)
         assert steps == math.ceil(n / (batch * world)) == len(loader)
         for epoch in range(2):
@@ -169,7 +171,7 @@ def test_every_rank_yields_exactly_steps_full_batches(tiny, world, workers, batc
 
 
 def _sequence(shard_set, rank=0, workers=0, seed=3, epoch=0, world=2, batches=None):
-    loader, _ = stream.train_loader(shard_set, [0, 1], 4, rank=rank, world_size=world, workers=workers, seed=seed,
+    loader, _ = streams.train_loader(shard_set, [0, 1], 4, rank=rank, world_size=world, workers=workers, seed=seed,
                                     transform=None, shuffle_buffer=8)
     loader.set_epoch(epoch)
     out = [tuple(b["key"]) for b in loader]
@@ -192,7 +194,7 @@ def test_seeds_differ_by_rank_worker_epoch_and_reproduce(tiny):
 
 def test_epochs_reach_persistent_workers(tiny):
     shard_set = open_shard_set(tiny[0])
-    loader, _ = stream.train_loader(shard_set, [0, 1], 4, workers=2, seed=3, transform=None, shuffle_buffer=8)
+    loader, _ = streams.train_loader(shard_set, [0, 1], 4, workers=2, seed=3, transform=None, shuffle_buffer=8)
     epochs = []
     for epoch in (0, 1, 0):
         loader.set_epoch(epoch)
@@ -202,7 +204,7 @@ def test_epochs_reach_persistent_workers(tiny):
     loader.close()
     assert epochs[0] != epochs[1] and epochs[0] == epochs[2]
     # without set_epoch, each worker counts its own passes: epochs still differ
-    loader, _ = stream.train_loader(shard_set, [0, 1], 4, workers=2, seed=3, transform=None, shuffle_buffer=8)
+    loader, _ = streams.train_loader(shard_set, [0, 1], 4, workers=2, seed=3, transform=None, shuffle_buffer=8)
     first, second = ([tuple(b["key"]) for b in loader] for _ in range(2))
     loader.close()
     assert first == epochs[0] and second == epochs[1]
@@ -210,7 +212,7 @@ def test_epochs_reach_persistent_workers(tiny):
 
 def test_train_batches_are_uint8_nchw_with_labels(tiny):
     shard_set = open_shard_set(tiny[0])
-    loader, steps = stream.train_loader(shard_set, [0], 6, workers=0, transform="light")
+    loader, steps = streams.train_loader(shard_set, [0], 6, workers=0, transform="light")
     loader.set_epoch(0)
     batch = next(iter(loader))
     assert batch["image"].dtype == __import__("torch").uint8
@@ -224,7 +226,7 @@ def test_empty_selection_is_a_clear_error(tiny):
 
     shard_set = open_shard_set(tiny[0])
     with pytest.raises(MaskdistError):
-        stream.train_loader(shard_set, [], 4, workers=0, extra=False)
+        streams.train_loader(shard_set, [], 4, workers=0, extra=False)
 
 
 # --- evaluation stream -----------------------------------------------------------------------
@@ -239,11 +241,11 @@ def test_eval_exactly_once_for_every_split(tiny, which):
         for workers in (1, 2, 3):
             seen = []
             for rank in range(world):
-                shards, fields = stream.eval_shards(shard_set, which)
+                shards, fields = streams.eval_shards(shard_set, which)
                 for worker in range(workers):
-                    mine, modulus, residue = stream.eval_plan(shards, rank, world, worker, workers)
+                    mine, modulus, residue = streams.eval_plan(shards, rank, world, worker, workers)
                     seen += [s["__key__"] for i, s in enumerate(
-                        x for sh in mine for x in stream.read_shard(shard_set, sh["path"])) if i % modulus == residue]
+                        x for sh in mine for x in streams.read_shard(shard_set, sh["path"])) if i % modulus == residue]
             assert sorted(seen) == everything, (world, workers)
 
 
@@ -253,7 +255,7 @@ def test_eval_loader_exactly_once_with_real_workers(tiny, world, workers):
     for which in (2, "eval"):
         seen = []
         for rank in range(world):
-            loader = stream.eval_loader(shard_set, which, 4, rank=rank, world_size=world, workers=workers, transform=None)
+            loader = streams.eval_loader(shard_set, which, 4, rank=rank, world_size=world, workers=workers, transform=None)
             batches = list(loader)
             assert len(batches) == len(loader)
             keys = [k for b in batches for k in b["key"]]
@@ -274,9 +276,9 @@ def test_planted_pickle_is_never_unpickled(tiny, tmp_path):
     probe = tmp_path / "probe"
     pickle.loads(pickle.dumps(_Pwn(str(probe))))
     assert probe.exists()
-    loader = stream.eval_loader(shard_set, 0, 8, workers=0, transform="none")
+    loader = streams.eval_loader(shard_set, 0, 8, workers=0, transform="none")
     keys = [k for b in loader for k in b["key"]]
-    train, _ = stream.train_loader(shard_set, [0], 8, workers=0, transform=None)
+    train, _ = streams.train_loader(shard_set, [0], 8, workers=0, transform=None)
     for _ in train:
         pass
     assert "zz-evil" not in keys and len(keys) == shard_set.samples("train", [0], extra=False)
@@ -301,10 +303,8 @@ def _run_or_kill(cmd: list[str], env: dict, log: Path, timeout: float, what: str
             family = psutil.Process(proc.pid).children(recursive=True)
             os.killpg(proc.pid, signal.SIGKILL)
             for child in family:
-                try:
+                with contextlib.suppress(psutil.NoSuchProcess):
                     child.kill()
-                except psutil.NoSuchProcess:
-                    pass
             proc.wait()
             pytest.fail(f"{what} hung:\n{log.read_text()[-3000:]}")
 
@@ -354,12 +354,12 @@ def test_workers_start_after_the_parent_used_opencv_threads(tiny, tmp_path):
     # OpenCV's thread pool waited forever. Run in a subprocess so a hang is a failure.
     code = f"""
 import cv2, numpy as np
-from maskdist import stream
+from maskdist import streams
 cv2.setNumThreads(2)
 img = np.zeros((600, 600, 3), np.uint8)
 for _ in range(3):
     cv2.resize(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), (300, 300))
-loader = stream.eval_loader({str(tiny[0])!r}, 0, 4, workers=2, transform="none")
+loader = streams.eval_loader({str(tiny[0])!r}, 0, 4, workers=2, transform="none")
 print(sum(len(b["key"]) for b in loader), cv2.getNumThreads())
 """
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
@@ -393,24 +393,24 @@ def test_read_shard_skips_folders_and_refuses_links_and_truncation(tiny, tmp_pat
     jpg, meta = _jpeg(rng), json.dumps({"label": 1, "label_true": 1}).encode()
     _odd_shard(root / "folder.tar", [("p", None, tarfile.DIRTYPE), ("p/k0.jpg", jpg), ("p/k0.json", meta),
                                      ("p/k0.txt", b"note"), ("p/k1.JPG", jpg), ("p/k1.json", meta)])
-    samples = list(stream.read_shard(shard_set, "folder.tar"))
+    samples = list(streams.read_shard(shard_set, "folder.tar"))
     assert [(s["__key__"], s["__index__"], s["jpg"], s["json"]) for s in samples] == \
         [("p/k0", 0, jpg, meta), ("p/k1", 1, jpg, meta)]
-    assert [s["__key__"] for s in stream.read_shard(shard_set, "folder.tar", start=1)] == ["p/k1"]
+    assert [s["__key__"] for s in streams.read_shard(shard_set, "folder.tar", start=1)] == ["p/k1"]
     _odd_shard(root / "link.tar", [("k0.jpg", jpg), ("k0.json", meta), ("k1.jpg", None, tarfile.SYMTYPE)])
-    with pytest.raises(stream.ShardFormatError, match="link or device"):
-        list(stream.read_shard(shard_set, "link.tar"))
+    with pytest.raises(ShardFormatError, match="link or device"):
+        list(streams.read_shard(shard_set, "link.tar"))
     whole = (root / "folder.tar").read_bytes()
     (root / "cut.tar").write_bytes(whole[:len(whole) // 2])
-    with pytest.raises(stream.ShardFormatError, match="cut.tar: .*truncated"):
-        list(stream.read_shard(shard_set, "cut.tar"))
+    with pytest.raises(ShardFormatError, match="cut.tar: .*truncated"):
+        list(streams.read_shard(shard_set, "cut.tar"))
     # a shard cut short makes the eval loader fail loudly (one line naming it), not yield less
     first = shard_set.shards("eval")[0]["path"]
     data = (root / first).read_bytes()
     (root / first).write_bytes(data[:len(data) // 3])  # (the last part of a tar can be padding)
     for workers in (0, 1):
         with pytest.raises(MaskdistError, match=f"{first}: .* bytes, the manifest says .*truncated.*evaluation reads every sample"):
-            list(stream.eval_loader(shard_set, "eval", 4, workers=workers, transform=None))
+            list(streams.eval_loader(shard_set, "eval", 4, workers=workers, transform=None))
 
 
 def test_worker_batches_equal_in_process_batches(tiny):
@@ -418,7 +418,7 @@ def test_worker_batches_equal_in_process_batches(tiny):
     transform = build_transform("none", resize=(20, 24), crop=(16, 16))
 
     def by_key(workers):
-        loader = stream.eval_loader(shard_set, "eval", 4, workers=workers, transform=transform)
+        loader = streams.eval_loader(shard_set, "eval", 4, workers=workers, transform=transform)
         out = {k: (img.numpy().copy(), row) for b in loader for k, img, row in zip(b["key"], b["image"], b["row"].tolist())}
         loader.close()
         return out
@@ -430,7 +430,7 @@ def test_worker_batches_equal_in_process_batches(tiny):
         np.testing.assert_array_equal(img, there[key][0])
         assert row == there[key][1] == int(key.split("/")[1])
     # decode only (no fixed output size): images of one size are stacked
-    loader = stream.eval_loader(shard_set, 0, 5, workers=0, transform=None)
+    loader = streams.eval_loader(shard_set, 0, 5, workers=0, transform=None)
     assert tuple(next(iter(loader))["image"].shape) == (5, 3, 12, 16)
 
 
@@ -440,20 +440,20 @@ def test_enlarging_stored_images_warns(tiny):
     shard_set = copy.deepcopy(open_shard_set(tiny[0]))
     shard_set.manifest["image"]["shapes"] = {"12x16": 99}
     with pytest.warns(UserWarning, match=r"12x16 \(HxW\) are enlarged .*--image-size 224x224"):
-        stream.eval_loader(shard_set, 0, 4, workers=0, transform="none")
-    from maskdist import transforms
+        streams.eval_loader(shard_set, 0, 4, workers=0, transform="none")
+    from maskdist.data import transforms
 
-    assert stream.check_stored_size(shard_set, transforms.build_transform("none", resize=(12, 16), crop=8)) == []
-    assert stream.check_stored_size(shard_set, transforms.build_transform("none", resize=None, crop=8)) == []
+    assert streams.check_stored_size(shard_set, transforms.build_transform("none", resize=(12, 16), crop=8)) == []
+    assert streams.check_stored_size(shard_set, transforms.build_transform("none", resize=None, crop=8)) == []
     with pytest.warns(UserWarning, match="12x17"):
-        assert stream.check_stored_size(shard_set, transforms.build_transform("none", resize=(12, 17), crop=8)) == ["12x16"]
+        assert streams.check_stored_size(shard_set, transforms.build_transform("none", resize=(12, 17), crop=8)) == ["12x16"]
 
 
 def test_small_shard_cache_changes_nothing_but_the_reads(tiny, monkeypatch):
     shard_set = open_shard_set(tiny[0])
 
     def keys(cache):
-        loader, _ = stream.train_loader(shard_set, [0, 1], 4, workers=0, seed=7, transform=None, shuffle_buffer=5)
+        loader, _ = streams.train_loader(shard_set, [0, 1], 4, workers=0, seed=7, transform=None, shuffle_buffer=5)
         loader.dataset._cache = cache
         out = []
         for epoch in range(3):
@@ -462,14 +462,14 @@ def test_small_shard_cache_changes_nothing_but_the_reads(tiny, monkeypatch):
         return out, loader.dataset._cache
 
     reads = Counter()
-    real = stream.read_shard
+    real = streams.read_shard
 
     def counting(shard_set, shard, start=0, stop=None):
         reads[shard["path"] if isinstance(shard, dict) else shard] += 1
         return real(shard_set, shard, start, stop)
 
-    monkeypatch.setattr(stream, "read_shard", counting)
-    plain, _ = keys(stream._ShardCache(budget=0))
+    monkeypatch.setattr(stream_training, "read_shard", counting)
+    plain, _ = keys(stream_training._ShardCache(budget=0))
     uncached_reads = sum(reads.values())
     reads.clear()
     cached, cache = keys(None)  # the default: a cache made on first iteration
@@ -477,7 +477,7 @@ def test_small_shard_cache_changes_nothing_but_the_reads(tiny, monkeypatch):
     assert cache.used > 0 and set(cache.shards) == set(reads) and all(n == 1 for n in reads.values())
     assert sum(reads.values()) < uncached_reads
     budget = sorted(s["bytes"] for s in shard_set.shards("train", [0, 1]))[2]
-    limited, cache = keys(stream._ShardCache(budget=budget))
+    limited, cache = keys(stream_training._ShardCache(budget=budget))
     assert limited == plain and 0 < cache.used <= budget
 
 
@@ -488,7 +488,7 @@ def test_a_resumed_epoch_yields_the_rest_of_the_uninterrupted_epoch(tiny, worker
     the undecoded skipping all line up."""
     shard_set = open_shard_set(tiny[0])
     transform = build_transform("light", resize=(20, 24), crop=(16, 16))
-    loader, steps = stream.train_loader(shard_set, [1, 2], batch_size=4, workers=workers, seed=3, transform=transform,
+    loader, steps = streams.train_loader(shard_set, [1, 2], batch_size=4, workers=workers, seed=3, transform=transform,
                                         shuffle_buffer=8)
     try:
         loader.set_epoch(2)

@@ -1,4 +1,4 @@
-"""maskdist.synth writes the competition layout, its statistics and quirks, deterministically."""
+"""maskdist.data.synth writes the competition layout, its statistics and quirks, deterministically."""
 from __future__ import annotations
 
 import csv
@@ -10,8 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from maskdist import labels as L
-from maskdist import synth
+from maskdist.data import labels as L, synth
 from maskdist.errors import MaskdistError
 
 SMALL = dict(people=60, eval_people=30, external=10, seed=3)

@@ -13,11 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import accelerate_cmd, launch_env, run_launch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import accelerate_cmd, launch_env, run_launch
-from maskdist import checkpoint, metrics
+from maskdist import metrics
 from maskdist.shards.manifest import open_shard_set
+from maskdist.train import checkpoint
 
 FAST = ["--model", "test_efficientnet", "--resize", "64", "--crop", "48", "--batch-size", "16", "--workers", "1",
         "--lr", "0.2", "--log-every", "2", "--timeout-s", "120"]
@@ -216,3 +217,30 @@ def test_every_recipe_option_through_two_process_ddp_with_one_ema_on_both_ranks(
     for acc in _events(run_dir):
         scalars |= set(acc.Tags()["scalars"])
     assert {"val_ema/macro_f1", "val/macro_f1"} <= scalars
+
+
+# The on-disk contracts, pinned: a change here breaks run folders and shard sets that users
+# already have, so it must be a deliberate one (with a reader that still takes the old form).
+RUN_FOLDER_FILES = {"best.safetensors", "config.yaml", "model.json", "oof.csv", "state", "tb"}
+MODEL_CARD_KEYS = {"age_cut", "architecture", "class_code", "classes", "confusion", "data", "drop_rate", "epoch", "fold",
+                   "format", "format_version", "heads", "image", "metric_age_cut", "metrics", "normalisation", "num_classes",
+                   "train_folds", "weights"}
+TRAINER_STATE_KEYS = {"best", "epoch", "epoch_done", "skipped", "step", "steps_per_epoch", "tallies", "world_size"}
+OOF_COLUMNS = ["key", "fold", "label_true", "label", "pred"] + [f"p{c:02d}" for c in range(18)]
+MANIFEST_KEYS = {"age_cut", "build", "eval_skipped_rows", "folds", "format", "format_version", "image", "num_classes", "shards",
+                 "totals"}
+SHARD_ENTRY_KEYS = {"bytes", "class", "class_counts", "fold", "path", "samples", "sha256", "split"}
+
+
+@pytest.mark.xdist_group("train-ddp-run")
+def test_run_folder_and_manifest_keep_their_file_names_and_keys(ddp_run, small_shards):
+    run_dir, _ = ddp_run
+    assert {p.name for p in run_dir.iterdir()} == RUN_FOLDER_FILES
+    card = checkpoint.read_card(run_dir)
+    assert set(card) == MODEL_CARD_KEYS and card["format"] == "maskdist-model" and card["format_version"] == 1
+    assert set(json.loads((run_dir / "state" / "trainer.json").read_text())) == TRAINER_STATE_KEYS
+    assert list(pd.read_csv(run_dir / "oof.csv", nrows=1).columns) == OOF_COLUMNS
+    manifest = json.loads((small_shards / "manifest.json").read_text())
+    assert set(manifest) == MANIFEST_KEYS and manifest["format_version"] == 1
+    assert all(set(entry) == SHARD_ENTRY_KEYS for entry in manifest["shards"])
+    assert set(manifest["totals"]) == {"train", "train_true", "eval"}

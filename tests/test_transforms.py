@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from maskdist import transforms
+from maskdist.data import transforms
 from maskdist.errors import MaskdistError
 
 

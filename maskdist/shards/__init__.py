@@ -17,20 +17,14 @@ nothing for them.
 """
 from __future__ import annotations
 
-import importlib
+from maskdist.system.exports import lazy_exports
 
 _EXPORTS = {
-    "build_shards": "build", "BuildReport": "build", "parse_image_size": "build", "DEFAULT_IMAGE_SIZE": "build",
+    "build_shards": "build", "BuildReport": "report", "parse_image_size": "build", "DEFAULT_IMAGE_SIZE": "build",
     "inspect_shards": "check", "describe_inspect": "check", "verify_shards": "check", "VerifyResult": "check",
     "ShardSet": "manifest", "open_shard_set": "manifest",
     "TarReader": "tario", "ShardFormatError": "format", "ShardReadError": "opener", "RetryPolicy": "opener",
     "split_key": "format",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'maskdist.shards' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"maskdist.shards.{module}"), name)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

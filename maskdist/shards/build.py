@@ -1,7 +1,7 @@
 """Build a shard set (format: ``shards/README.md``) from a competition-style folder.
 
-``build_shards`` reads the folder through :mod:`maskdist.layout`, assigns person-level folds
-(:mod:`maskdist.folds`), re-encodes every image (:mod:`maskdist.images`) in a process pool and
+``build_shards`` reads the folder through :mod:`maskdist.data.layout`, assigns person-level folds
+(:mod:`maskdist.data.folds`), re-encodes every image (:mod:`maskdist.data.images`) in a process pool and
 writes deterministic tar shards (:class:`~maskdist.shards.tario.ShardTarWriter`) grouped by
 fold and training class, eval shards in info.csv order, ``manifest.json`` and ``report.json``
 (:class:`BuildReport`). The set is built in a hidden temporary folder beside the output and
@@ -17,11 +17,10 @@ import re
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
-from maskdist import images, labels, parallel
+from maskdist.data import images, labels
 from maskdist.errors import MaskdistError
 from maskdist.shards.format import (
     EVAL_SCHEMA,
@@ -39,76 +38,20 @@ from maskdist.shards.format import (
     shard_path,
     train_key,
 )
-from maskdist.shards.tario import ShardTarWriter
 
 # Exactly 224x224 (aspect not kept): the recipe's first op, Resize((224, 224)), done once at
 # build time with INTER_AREA. The loader then decodes a 224x224 JPEG and skips its resize
 # (~1.5x the images/s of a 224-short-side set, ~1.7x of the old 256 default). A transform
 # that resizes to more than the stored size would upscale: build for it (``--image-size
+from maskdist.shards.report import BuildReport, human_bytes  # noqa: F401 (BuildReport is part of this module's API)
+from maskdist.shards.tario import ShardTarWriter
+from maskdist.system import parallel
+
 # 288x288``, or ``--image-size 256`` for the shorter side with the aspect kept).
 DEFAULT_IMAGE_SIZE = "224x224"
 DEFAULT_QUALITY = 95
 DEFAULT_SHARD_SIZE = 2000  # ~2000 x ~13 KB = ~25 MB per shard at 224x224 q95 (~40 MB at 256 px)
 
-
-# --- report ---------------------------------------------------------------------------------
-
-
-@dataclass
-class BuildReport:
-    """What the build read, wrote and skipped (and why). Saved as ``report.json``."""
-
-    out: str
-    read: int = 0
-    written: int = 0
-    skipped: list[dict] = field(default_factory=list)  # {split, relpath, path, reason, why}
-    layout: dict | None = None
-    eval_layout: dict | None = None
-    shards: int = 0
-    bytes: int = 0
-    seconds: float = 0.0
-
-    def skipped_by_reason(self) -> dict[str, int]:
-        return dict(sorted(Counter(s["reason"] for s in self.skipped).items()))
-
-    def to_dict(self) -> dict:
-        return {
-            "out": self.out, "read": self.read, "written": self.written,
-            "skipped": len(self.skipped), "skipped_by_reason": self.skipped_by_reason(),
-            "skipped_files": self.skipped, "shards": self.shards, "bytes": self.bytes,
-            "seconds": round(self.seconds, 3), "layout": self.layout, "eval_layout": self.eval_layout,
-        }
-
-    def describe(self, limit: int = 20) -> str:
-        rate = self.read / self.seconds if self.seconds > 0 else 0.0
-        lines = [
-            f"wrote {self.out}: {self.shards} shards, {self.written} samples, {human_bytes(self.bytes)}"
-            f" ({self.read} images read in {self.seconds:.1f} s, {rate:.0f} img/s)",
-            f"  read {self.read}, written {self.written}, skipped {len(self.skipped)}",
-        ]
-        for reason, n in self.skipped_by_reason().items():
-            lines.append(f"  skipped ({reason}): {n}")
-        for s in self.skipped[:limit]:
-            lines.append(f"    {s['split']} {s['relpath']}: {s['reason']}: {s['why']}")
-        if len(self.skipped) > limit:
-            lines.append(f"    ... and {len(self.skipped) - limit} more (all are in {REPORT})")
-        for name, layout in (("train", self.layout), ("eval", self.eval_layout)):
-            if layout and layout.get("problems"):
-                counts = ", ".join(f"{k} {v}" for k, v in sorted(layout.get("counts", {}).items()))
-                lines.append(f"  layout problems ({name}): {counts}")
-                for p in layout["problems"][:limit]:
-                    lines.append(f"    {p['kind']}: {p['where']}: {p['why']}")
-                if len(layout["problems"]) > limit:
-                    lines.append(f"    ... and {len(layout['problems']) - limit} more (all are in {REPORT})")
-        return "\n".join(lines)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 _SIZE_HW = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
@@ -209,10 +152,8 @@ class _ShardWriter:
 
     def abort(self) -> None:
         if self._tar is not None:
-            try:
+            with contextlib.suppress(Exception):  # the folder is removed anyway
                 self._tar.close()
-            except Exception:  # noqa: BLE001 (the folder is removed anyway)
-                pass
             self._tar = None
 
 
@@ -342,8 +283,7 @@ def build_shards(
     The set appears at ``out`` only when complete (built in ``.NAME.partial-<pid>`` beside
     it, then renamed). Bad images are skipped and listed in the report, never fatal.
     """
-    from maskdist import folds as folds_api
-    from maskdist import layout
+    from maskdist.data import folds as folds_api, layout
 
     started = time.perf_counter()
     out = Path(out)

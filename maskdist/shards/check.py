@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from maskdist import images, labels
+from maskdist.data import images, labels
 from maskdist.errors import MaskdistError
 from maskdist.shards.format import (
     COMPETITION,
@@ -32,9 +32,9 @@ from maskdist.shards.format import (
     fold_name,
     split_key,
 )
-from maskdist.shards.build import human_bytes
 from maskdist.shards.manifest import ShardSet, open_shard_set
 from maskdist.shards.opener import ShardReadError
+from maskdist.shards.report import human_bytes
 from maskdist.shards.tario import REGULAR_TYPES, TarReader
 
 # --- inspect -------------------------------------------------------------------------------
@@ -211,7 +211,8 @@ def _verify_one(shard_set: ShardSet, entry: dict, quick: bool, result: VerifyRes
     if reader.bytes != entry["bytes"]:
         own.insert(0, f"size {reader.bytes} bytes, {MANIFEST} says {entry['bytes']} (truncated or replaced)")
     if reader.digest.hexdigest() != entry["sha256"]:
-        own.insert(0, f"sha256 {reader.digest.hexdigest()[:16]}... differs from {MANIFEST} ({entry['sha256'][:16]}...): the shard was changed or damaged")
+        own.insert(0, f"sha256 {reader.digest.hexdigest()[:16]}... differs from {MANIFEST} ({entry['sha256'][:16]}...):"
+                      " the shard was changed or damaged")
     if not quick:
         result.samples += len(samples)
         _check_samples(shard_set, entry, samples, own, person_folds, state)

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from maskdist.errors import MaskdistError
 from maskdist.shards.format import EXTRA_FOLD, FORMAT, FORMAT_VERSION, MANIFEST, SHARD_PATH
-from maskdist.shards.opener import RetryPolicy, ResumableStream, ShardReadError, is_pipe, is_url, location_kind, open_file, resolve
+from maskdist.shards.opener import ResumableStream, RetryPolicy, ShardReadError, is_pipe, is_url, location_kind, open_file, resolve
 
 
 @dataclass

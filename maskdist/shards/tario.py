@@ -13,7 +13,8 @@ headers that set a path or size), a size in base-256 or a missing end-of-archive
 from __future__ import annotations
 
 import json
-from typing import BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import BinaryIO
 
 from maskdist.shards.format import FIELDS, IMAGE_EXT, META_EXT, SKIP_CHUNK, ShardFormatError, split_key
 

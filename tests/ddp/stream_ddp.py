@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object
 
-from maskdist import stream
+from maskdist import streams
 from maskdist.shards.manifest import open_shard_set
 
 
@@ -38,8 +38,8 @@ def main() -> None:
     rank, world = accelerator.process_index, accelerator.num_processes
 
     shard_set = open_shard_set(args.shards)
-    loader, steps = stream.train_loader(
-        shard_set, stream.folds_except(shard_set, args.holdout), args.batch_size, rank=rank, world_size=world,
+    loader, steps = streams.train_loader(
+        shard_set, streams.folds_except(shard_set, args.holdout), args.batch_size, rank=rank, world_size=world,
         workers=args.workers, seed=7, transform=None, shuffle_buffer=16)
     result = {"rank": rank, "world": world, "env_rank": os.environ.get("RANK"), "steps_expected": steps,
               "epochs": []}
@@ -59,7 +59,7 @@ def main() -> None:
 
     evals = {}
     for which in (args.holdout, "eval"):
-        ev = stream.eval_loader(shard_set, which, batch_size=5, rank=rank, world_size=world, workers=args.workers,
+        ev = streams.eval_loader(shard_set, which, batch_size=5, rank=rank, world_size=world, workers=args.workers,
                                 transform=None)
         keys, labels, batches = [], [], 0
         for batch in ev:

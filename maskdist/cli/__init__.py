@@ -1,0 +1,16 @@
+"""The ``maskdist`` command line (entry point ``maskdist.cli:main``).
+
+=========== ==================================================================
+module      commands
+=========== ==================================================================
+``base``    the group: one-line errors (exit 2), the preemption exit status
+``data``    ``synth``, ``layout``, ``shards build|inspect|verify``
+``train``   ``train``, ``kfold``, ``demo``
+``infer``   ``predict``, ``score``, ``oof``, ``pseudo-label``
+``bench``   ``bench loader|train|epoch|predict|memory|options``
+=========== ==================================================================
+"""
+from maskdist.cli import bench, data, infer, train  # noqa: F401  (each module adds its commands to main)
+from maskdist.cli.base import main
+
+__all__ = ["main"]

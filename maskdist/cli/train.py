@@ -1,0 +1,111 @@
+"""Commands that train: ``train`` (one fold; every flag from TrainConfig), ``kfold`` and ``demo``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from maskdist.cli.base import main
+
+# --- train (maskdist.train; options from maskdist.config.TrainConfig) ------------------
+
+
+def _config_options(command):
+    """One flag per TrainConfig field; unset flags stay None so YAML values are kept."""
+    import dataclasses
+
+    from maskdist import config as config_mod
+
+    for f in reversed(dataclasses.fields(config_mod.TrainConfig)):
+        flag = "--" + f.name.replace("_", "-")
+        kind = config_mod.field_type(f)
+        choices = f.metadata.get("choices")
+        help_text = f"{f.metadata['help']} [default: {f.default!r}]"
+        if kind is bool:
+            option = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
+        else:
+            option = click.option(flag, f.name, type=click.Choice(choices) if choices else kind, default=None, help=help_text)
+        command = option(command)
+    return command
+
+
+@main.command()
+@click.option("--config", "config_file", default=None,
+              help="YAML file of options, or a preset name (recipe, cpu_fast); flags override it.")
+@_config_options
+def train(config_file, **overrides):
+    """Train one fold. Run under `accelerate launch -m maskdist train ...` for several processes."""
+    from maskdist import config as config_mod
+    from maskdist.system import parallel
+
+    cfg = config_mod.load(config_file, overrides)
+    if cfg.workers > 0:
+        parallel.start_forkserver()
+    from maskdist.train import loop as train_api
+
+    train_api.train(cfg)
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--shards", required=True, help="Shard set (folder, URL or pipe:).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Experiment folder (fold<K> runs + submission).")
+@click.option("--config", "config_file", default=None, help="YAML train options for every fold, or a preset name (recipe, cpu_fast).")
+@click.option("--processes", type=int, default=1, show_default=True, help="Processes (GPUs, or CPU ranks with --cpu) per fold.")
+@click.option("--cpu", is_flag=True, help="CPU DDP (gloo) instead of GPUs.")
+@click.option("--parallel-folds", type=int, default=1, show_default=True, help="Folds trained side by side, each on its own GPU subset.")
+@click.option("--gpus", default="", help="GPU ids to share out with --parallel-folds, e.g. 0,1,2,3.")
+@click.option("--folds", "fold_list", default="", help="Only these folds, e.g. 0,2 (default: all).")
+@click.option("--accelerate-config", type=click.Path(dir_okay=False), default=None, help="An accelerate config file (see launch/).")
+@click.option("--submission", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Default: OUT/submission.csv.")
+@click.option("--tta", type=click.Choice(["none", "hflip"]), default="none", show_default=True)
+@click.option("--weights", "weighting", type=click.Choice(["uniform", "f1"]), default="uniform", show_default=True)
+@click.option("--answers", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Score the submission against these answers.")
+@click.pass_context
+def kfold(ctx, shards, out, config_file, processes, cpu, parallel_folds, gpus, fold_list, accelerate_config, submission, tta, weighting, answers):
+    """Train every fold, then predict with the ensemble. Extra options are `maskdist train`'s."""
+    from maskdist import config as config_mod
+    from maskdist.infer import scoring
+    from maskdist.train import kfold as kfold_api
+
+    # The extra options, parsed and checked by `train`'s own parser into typed overrides.
+    overrides = train.make_context("maskdist kfold", list(ctx.args), parent=ctx).params
+    overrides.pop("config_file", None)
+    train_config = config_mod.load(config_file, dict(overrides, shards=shards, out=str(out)))
+    plan = kfold_api.KFoldPlan(
+        shards=shards, out=out, train=train_config, processes=processes, cpu=cpu, parallel_folds=parallel_folds,
+        gpus=[g for g in gpus.split(",") if g], folds=[int(f) for f in fold_list.split(",") if f] or None,
+        tta=tta, weighting=weighting, accelerate_config=accelerate_config, submission=submission,
+    )
+    written = kfold_api.run(plan, echo=click.echo)
+    result = scoring.oof_scores(out)
+    for fold, scores in sorted(result["folds"].items()):
+        click.echo(f"fold {fold}: macro F1 {scores.macro_f1:.4f}")
+    click.echo(f"out-of-fold macro F1 {result['oof'].macro_f1:.4f} ({result['samples']} images)")
+    if answers:
+        from maskdist.infer.predict import probs_path
+
+        versus = scoring.ensemble_and_folds(probs_path(written), answers)
+        click.echo(f"ensemble macro F1 on {answers}: {versus['ensemble']:.4f} "
+                   f"(single fold models: mean {versus['fold_mean']:.4f})")
+    click.echo(f"submission: {written}")
+
+
+# --- demo -------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo"), show_default=True,
+              help="Folder for the demo's data, shards and runs; re-running reuses what is complete.")
+@click.option("--people", type=int, default=300, show_default=True, help="Synthetic training people.")
+@click.option("--eval-people", type=int, default=120, show_default=True, help="Synthetic eval people.")
+@click.option("--folds", type=int, default=5, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--config", default="cpu_fast", show_default=True, help="Train preset or YAML file.")
+@click.option("--processes", type=int, default=0, help="CPU processes per fold (default: 2 when two cores are free, else 1).")
+@click.option("--epochs", type=int, default=None, help="Override the preset's epochs (fewer: faster, lower scores).")
+def demo(workdir, people, eval_people, folds, seed, config, processes, epochs):
+    """The whole flow on built-in synthetic data: synth, shards, k folds, ensemble, score."""
+    from maskdist.demo import DemoOptions, run_demo
+
+    run_demo(DemoOptions(workdir=workdir, people=people, eval_people=eval_people, folds=folds, seed=seed,
+                         config=config, processes=processes, epochs=epochs), echo=click.echo)

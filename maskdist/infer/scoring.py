@@ -1,0 +1,84 @@
+"""Scores a user reports: a submission against answers, and the cross-validated
+(out-of-fold) F1 of an experiment's fold models."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from maskdist import metrics
+from maskdist.data import labels, layout
+from maskdist.errors import MaskdistError
+
+
+def _labels_column(frame: pd.DataFrame, path: Path) -> np.ndarray:
+    try:
+        values = frame["ans"].astype(int).to_numpy()
+    except ValueError:
+        raise MaskdistError(f"{path}: column ans must hold class numbers 0..17") from None
+    if ((values < 0) | (values >= labels.NUM_CLASSES)).any():
+        raise MaskdistError(f"{path}: column ans must hold class numbers 0..17")
+    return values
+
+
+def score_submission(submission: str | os.PathLike, answers: str | os.PathLike) -> metrics.Scores:
+    """Scores of a submission (ImageID,ans) against an answers file of the same images."""
+    sub_path, ans_path = Path(submission), Path(answers)
+    sub = layout.read_csv(sub_path, ("ImageID", "ans"), "a submission")
+    ans = layout.read_csv(ans_path, ("ImageID", "ans"), "an answers file")
+    if sub["ImageID"].duplicated().any():
+        raise MaskdistError(f"{sub_path} lists some ImageID twice: write one row per image")
+    if set(sub["ImageID"]) != set(ans["ImageID"]):
+        only_sub = len(set(sub["ImageID"]) - set(ans["ImageID"]))
+        only_ans = len(set(ans["ImageID"]) - set(sub["ImageID"]))
+        raise MaskdistError(f"{sub_path} and {ans_path} cover different images ({only_sub} only in the submission, {only_ans} only in the answers)")
+    merged = ans.merge(sub, on="ImageID", suffixes=("_true", "_pred"))
+    return metrics.score(_labels_column(merged.rename(columns={"ans_true": "ans"}), ans_path),
+                         _labels_column(merged.rename(columns={"ans_pred": "ans"}), sub_path))
+
+
+def oof_scores(experiment: str | os.PathLike) -> dict:
+    """Macro F1 of each fold's best epoch, and of all out-of-fold predictions together."""
+    from maskdist.infer.predict import find_members
+    from maskdist.train.checkpoint import OOF  # here, not at the top: `maskdist score` needs no torch
+
+    runs = find_members([experiment])
+    frames = []
+    for run in runs:
+        path = run / OOF
+        if not path.is_file():
+            raise MaskdistError(f"{path} not found: fold {run.name} has no out-of-fold predictions; retrain it")
+        frames.append(pd.read_csv(path))
+    everything = pd.concat(frames, ignore_index=True)
+    if everything["key"].duplicated().any():
+        raise MaskdistError(f"{experiment}: a sample appears in two folds' oof.csv: the folds come from different shard sets")
+    per_fold = {int(f["fold"].iloc[0]): metrics.score(f["label_true"], f["pred"]) for f in frames}
+    return {"folds": per_fold, "oof": metrics.score(everything["label_true"], everything["pred"]), "samples": len(everything)}
+
+
+def describe_scores(scores: metrics.Scores, title: str = "") -> str:
+    lines = [f"{title}macro F1 {scores.macro_f1:.4f}  accuracy {scores.accuracy:.4f}  ({scores.samples} images)",
+             "part F1: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.part_f1.items()),
+             "class                      F1    true  predicted"]
+    matrix = np.asarray(scores.confusion)
+    for c in range(labels.NUM_CLASSES):
+        lines.append(f"{c:>2} {labels.class_name(c):<22} {scores.per_class_f1[c]:.3f} {matrix[c].sum():>6d} {matrix[:, c].sum():>9d}")
+    lines.append("confusion (rows true, columns predicted):")
+    lines.extend(" ".join(f"{v:>4d}" for v in row) for row in matrix)
+    return "\n".join(lines)
+
+
+def ensemble_and_folds(probs_npz: str | os.PathLike, answers: str | os.PathLike) -> dict:
+    """Macro F1 on the answers of the ensemble and of each fold model alone, from the
+    ``.probs.npz`` that ``predict`` writes beside the submission."""
+    saved = np.load(probs_npz)
+    truth = layout.read_csv(Path(answers), ("ImageID", "ans"), "an answers file").set_index("ImageID")
+    missing = set(saved["image_id"]) - set(truth.index)
+    if missing:
+        raise MaskdistError(f"{answers} lacks {len(missing)} of the predicted images: pass the answers of this eval set")
+    y = truth.loc[list(saved["image_id"]), "ans"].astype(int).to_numpy()
+    folds = {int(k): metrics.score(y, saved["fold_probs"][:, i].argmax(axis=1)).macro_f1 for i, k in enumerate(saved["folds"])}
+    return {"ensemble": metrics.score(y, saved["probs"].argmax(axis=1)).macro_f1, "folds": folds,
+            "fold_mean": float(np.mean(list(folds.values())))}

@@ -1,0 +1,158 @@
+"""Worker processes that are safe to start from any process state, and that die with the
+process they serve.
+
+Pools and DataLoader workers start through ``forkserver`` (``spawn`` where that is missing),
+never a plain ``fork``: a forked child inherits OpenCV's (and OpenMP's) thread pool in
+whatever state the parent's threads left it, and its first ``cv2`` call can then wait
+forever. Each worker uses one OpenCV and one torch thread: the workers are the parallelism.
+
+A worker's parent is the forkserver, not the process that asked for it, and the forkserver
+lives as long as any of its workers (they hold its "alive" pipe). So when the owner dies
+without shutting them down (kill -9, the OOM killer, a crash, a plain SIGTERM) nothing else
+ends them: every worker watches its owner (:func:`watch`, started by :func:`init_worker`)
+and exits when the owner is gone; the forkserver and multiprocessing's resource tracker then
+exit by themselves. Commands maskdist launches (``accelerate launch`` in ``kfold``) get
+``SIGTERM`` when the launching process dies (:func:`die_with_parent`).
+"""
+from __future__ import annotations
+
+import functools
+import multiprocessing
+import os
+import select
+import signal
+import sys
+import threading
+import time
+
+WATCH_POLL_S = 0.5  # fallback polling interval where pidfd is missing
+
+
+# What a loader worker imports. The forkserver imports it once, before any thread runs, and
+# each worker forks from it ready: otherwise every worker of every loader (training, then
+# validation each epoch) re-imports torch and the transforms, about 3 s of CPU each.
+LOADER_MODULES = ("maskdist.streams", "maskdist.data.transforms")
+
+
+def context(preload: tuple[str, ...] = LOADER_MODULES):
+    """The multiprocessing context for every worker maskdist starts; a forkserver that
+    starts now imports ``preload`` first (one forkserver per process: the first start wins)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["__main__", *preload])
+    return ctx
+
+
+def start_forkserver(preload: tuple[str, ...] = LOADER_MODULES) -> None:
+    """Start the forkserver now, so that it imports ``preload`` on another core while this
+    process imports and builds the model, instead of when the first loader needs workers."""
+    if context(preload).get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+
+def _wait_for_exit(pid: int) -> None:
+    """Return when process ``pid`` has ended."""
+    try:
+        fd = os.pidfd_open(pid)  # Linux 5.3+: readable when the process ends; immune to pid reuse
+    except ProcessLookupError:
+        return
+    except (AttributeError, OSError):
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            except PermissionError:
+                pass
+            time.sleep(WATCH_POLL_S)
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        while not poller.poll():
+            pass
+    finally:
+        os.close(fd)
+
+
+def watch(pid: int, exit_code: int = 1, on_exit=None) -> threading.Thread:
+    """End this process (``os._exit``) as soon as process ``pid`` ends; or, with ``on_exit``,
+    call it instead (in the watching thread)."""
+
+    def run():
+        _wait_for_exit(pid)
+        if on_exit is not None:
+            on_exit()
+        else:
+            os._exit(exit_code)
+
+    thread = threading.Thread(target=run, name=f"maskdist-watch-{pid}", daemon=True)
+    thread.start()
+    return thread
+
+
+def init_worker(owner: int | None = None, *_args, loader: bool = False) -> None:
+    """Worker start-up: one compute thread each; exit when ``owner`` (the process that started
+    the pool or loader) dies. Ctrl-C and SLURM's early-warning SIGUSR1 are the owner's to
+    handle. A stream loader's worker (``loader``) ignores SIGTERM as well: a SIGTERM sent to
+    every process of a job is the trainer's cue to finish its step and save, which needs its
+    workers until it has; the loader stops them itself (:func:`stop_workers`). Pool workers
+    keep SIGTERM, which ``Pool.terminate`` sends.
+    """
+    import cv2
+    import torch
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if loader else signal.SIG_DFL)
+    if owner:
+        watch(owner)
+
+
+def stop_workers(loader) -> None:
+    """Shut down a torch DataLoader's workers: the polite way first (torch's own shutdown),
+    then SIGKILL for any still alive, since stream workers ignore SIGTERM."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is None:
+        return
+    workers = list(getattr(iterator, "_workers", []))
+    if hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=5)
+    loader._iterator = None
+
+
+def worker_init(owner: int | None = None, stream: bool = False):
+    """A DataLoader ``worker_init_fn`` bound to this process (or ``owner``) as the owner;
+    ``stream``: a stream loader's worker (ignores SIGTERM; see :func:`init_worker`)."""
+    return functools.partial(init_worker, os.getpid() if owner is None else owner, loader=stream)
+
+
+def pool(workers: int):
+    """A process pool of ``workers`` whose processes end with this one."""
+    return context(preload=()).Pool(workers, initializer=init_worker, initargs=(os.getpid(),))  # pool tasks need no torch
+
+
+def die_with_parent(sig: int = signal.SIGTERM):
+    """A ``preexec_fn`` for ``subprocess.Popen``: the child gets ``sig`` when this process
+    dies (Linux ``PR_SET_PDEATHSIG``; nothing elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    parent = os.getpid()
+
+    def preexec():
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: act now
+            os.kill(os.getpid(), sig)
+
+    return preexec

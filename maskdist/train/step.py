@@ -1,0 +1,67 @@
+"""One training step: normalise on the device, mix, forward under autocast, backward, and on
+the last micro-batch of an accumulation window set the lr, clip, step and update the EMA.
+"""
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+
+from maskdist import config as config_mod
+from maskdist.data import transforms
+from maskdist.model.ema import Ema
+from maskdist.model.mixing import Mixer
+
+
+def make_optimizer(cfg: config_mod.TrainConfig, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    # No weight decay on biases and norm parameters (1-d tensors), as timm does.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
+    """The global L2 norm of the gradients, on their device (no host synchronisation)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def train_step(accelerator: Accelerator, model, optimizer, loss_fn, batch: dict, mean, std, channels_last: bool,
+               lr: float, clip_grad: float = 0.0, mixer: Mixer | None = None, ema: Ema | None = None,
+               optimizer_step: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One micro-batch: normalise on the device, mix (mixup/cutmix, soft targets), forward
+    under autocast, backward; on the last micro-batch of an accumulation window set the lr,
+    clip, step, and fold the new weights into the EMA (``optimizer_step``: steps done after it).
+
+    Returns the loss and, on optimiser steps, the gradient norm before clipping (what
+    clipping returns, or computed the same way when clipping is off), both still on the
+    device so that no step waits for the host.
+    """
+    x = transforms.to_device(batch["image"], accelerator.device, mean, std, channels_last)
+    y = batch["label"].to(accelerator.device, non_blocking=True)
+    if mixer is not None:
+        x, y = mixer(x, y)
+    grad_norm = None
+    with accelerator.accumulate(model):
+        with accelerator.autocast():
+            logits = model(x)
+        loss = loss_fn(logits, y)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if clip_grad:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+            else:
+                accelerator.unscale_gradients(optimizer)  # fp16: the norm of the true gradients
+                grad_norm = _grad_norm(model)
+        optimizer.step()  # a no-op inside an accumulation window (accelerate's wrapper)
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None and accelerator.sync_gradients:
+            # every rank holds the same weights after a DDP step, so every rank's EMA is the same
+            ema.update(accelerator.unwrap_model(model), optimizer_step)
+    return loss.detach(), grad_norm

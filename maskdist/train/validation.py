@@ -1,0 +1,78 @@
+"""Validation: every held-out sample once (gathered from all ranks by key) for the live and
+the EMA weights, its scores on the true labels, and the out-of-fold table of the best epoch.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from accelerate import Accelerator
+
+from maskdist import metrics
+from maskdist.data import labels, transforms
+from maskdist.errors import MaskdistError
+from maskdist.model import heads
+from maskdist.system import distributed
+from maskdist.train.run import Run
+
+
+def evaluate(accelerator: Accelerator, model, loader, mean, std, channels_last: bool, head_kind: str = "single") -> pd.DataFrame:
+    """Probabilities of every sample of ``loader`` exactly once, gathered from all ranks by key.
+
+    Each rank predicts its own share with the unwrapped model (ranks may hold different
+    counts, so no collective runs inside the loop), then ``gather_object`` collects the
+    (key, probabilities, labels) rows and duplicates are dropped by key. ``head_kind``: the
+    model's heads (18-class probabilities either way, :func:`maskdist.model.heads.probabilities`).
+    """
+    model.eval()
+    rows = []
+    with torch.no_grad(), accelerator.autocast():
+        for batch in loader:
+            x = transforms.to_device(batch["image"], accelerator.device, mean, std, channels_last)
+            probs = heads.probabilities(model(x), head_kind).cpu().numpy()
+            for i, key in enumerate(batch["key"]):
+                rows.append((key, int(batch["label"][i]), int(batch["label_true"][i]), probs[i].astype(np.float32)))
+    gathered = distributed.gather_rows(rows, accelerator)
+    frame = pd.DataFrame(gathered, columns=["key", "label", "label_true", "probs"])
+    return frame.drop_duplicates("key").sort_values("key").reset_index(drop=True)
+
+
+def oof_frame(predictions: pd.DataFrame, fold: int) -> pd.DataFrame:
+    probs = np.stack(predictions["probs"].to_numpy()) if len(predictions) else np.zeros((0, labels.NUM_CLASSES))
+    out = pd.DataFrame({"key": predictions["key"], "fold": fold, "label_true": predictions["label_true"],
+                        "label": predictions["label"], "pred": probs.argmax(axis=1) if len(probs) else []})
+    for c in range(labels.NUM_CLASSES):
+        out[f"p{c:02d}"] = probs[:, c] if len(probs) else []
+    return out
+
+
+def sync_ema_buffers(run: Run) -> None:
+    """Average the EMA's buffers (BatchNorm statistics) over ranks, as timm's distribute_bn
+    does at each epoch's end. The EMA's weights are equal on every rank (DDP keeps the live
+    weights equal); its buffers follow each rank's own batches within an epoch."""
+    if run.ema is None or run.accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for buffer in run.ema.module.buffers():
+            if buffer.is_floating_point():
+                dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+                buffer /= run.accelerator.num_processes
+
+
+def validate(run: Run, epoch: int) -> dict[str, tuple[pd.DataFrame, metrics.Scores]]:
+    """Every validation sample once (gathered by key) and its scores on the true labels, for
+    the live weights (``"live"``) and, when kept, the EMA weights (``"ema"``)."""
+    models = {"live": run.accelerator.unwrap_model(run.model)}
+    if run.ema is not None:
+        models["ema"] = run.ema.module
+    out = {}
+    for name, model in models.items():
+        predictions = evaluate(run.accelerator, model, run.val_loader, run.mean, run.std, run.channels_last, run.cfg.heads)
+        if not len(predictions):
+            raise MaskdistError(f"fold {run.cfg.fold} of {run.cfg.shards} has no validation samples: rebuild the shards with"
+                                " more people per fold")
+        out[name] = predictions, metrics.score(predictions["label_true"], np.stack(predictions["probs"].to_numpy()).argmax(axis=1))
+    run.model.train()
+    return out
