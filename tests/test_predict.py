@@ -15,6 +15,7 @@ from conftest import accelerate_cmd, launch_env, run_launch
 
 from maskdist import metrics, streams
 from maskdist.data import transforms
+from maskdist.errors import MaskdistError
 from maskdist.infer import scoring
 from maskdist.infer.predict import probs_path
 from maskdist.shards.manifest import open_shard_set
@@ -168,7 +169,7 @@ def test_pseudo_labels_go_to_training_folds_only(experiment, small_synth, tmp_pa
 
 
 def test_pseudo_label_part_thresholds_keep_what_each_part_is_sure_of(experiment, small_synth, tmp_path):
-    from maskdist.infer.predict import ensemble_probs, folder_loader, load_ensemble
+    from maskdist.infer.ensemble import folder_loader, load_ensemble, mix, vote
 
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -176,11 +177,10 @@ def test_pseudo_label_part_thresholds_keep_what_each_part_is_sure_of(experiment,
         shutil.copy(src, outside / f"{i:04d}.jpg")
     keys = [str(p) for p in sorted(outside.iterdir())]
     ensemble = load_ensemble([experiment])
-    tf = transforms.build_transform("none", ensemble.resize, ensemble.crop)
-    rows, _ = ensemble_probs(ensemble, folder_loader(keys, keys, tf, 8, 0, 1, 0), "cpu")
+    votes = vote(ensemble, lambda group: folder_loader(keys, keys, group.transform(), 8, 0, 1, 0), "cpu")
     gender = []  # P(gender = the chosen gender), the chosen class being the most probable one
-    for _key, probs, _folds in rows:
-        cube = probs.reshape(3, 2, 3)
+    for key in keys:
+        cube = mix(ensemble, votes.probs[key][None])[0].reshape(3, 2, 3)
         g = np.unravel_index(cube.argmax(), cube.shape)[1]
         gender.append(float(cube.sum(axis=(0, 2))[g]))
     threshold = float(np.median(gender))
@@ -198,3 +198,137 @@ def test_pseudo_label_part_thresholds_keep_what_each_part_is_sure_of(experiment,
                           str(tmp_path / "x.csv"), "--part-confidence", "nose=0.5"], env=launch_env(tmp_path),
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "for parts mask, gender, age" in bad.stderr
+
+
+# --- decisions, mixed ensembles, unfinished folds, precision, audit -------------------------
+
+
+def _maskdist(tmp_path, *args, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "maskdist", *map(str, args)], env=launch_env(tmp_path), capture_output=True,
+                          text=True, timeout=timeout, cwd=tmp_path)
+
+
+def _answers(csv) -> list[int]:
+    return pd.read_csv(csv)["ans"].tolist()
+
+
+def test_tuned_decisions_are_applied_by_default_and_argmax_restores_the_plain_answers(experiment, small_shards, tmp_path):
+    from maskdist.infer.decisions import FILE, decide
+
+    plain = tmp_path / "plain.csv"
+    assert _maskdist(tmp_path, "predict", experiment, "--shards", small_shards, "--out", plain, "--workers", "0",
+                     "--batch-size", "8").returncode == 0
+    tuned_exp = tmp_path / "tuned"
+    shutil.copytree(experiment, tuned_exp)
+    # --force: three training steps per fold give weights whose nested gain may well be negative
+    tuned = _maskdist(tmp_path, "oof", tuned_exp, "--tune", "--force", "--json")
+    assert tuned.returncode == 0, tuned.stderr[-2000:]
+    record = json.loads(tuned.stdout)["decisions"]
+    assert (tuned_exp / FILE).is_file() and json.loads((tuned_exp / FILE).read_text())["class_weights"] == record["class_weights"]
+    assert set(record["nested"]["folds"]) == {str(k) for k in range(FOLDS)} and record["oof"]["rows"] > 0
+    assert record["oof"]["tuned"] >= record["oof"]["argmax"]  # in-sample, tuning cannot lose
+
+    default = _maskdist(tmp_path, "predict", tuned_exp, "--shards", small_shards, "--out", tmp_path / "d.csv", "--workers", "0",
+                       "--batch-size", "8")
+    assert default.returncode == 0, default.stderr[-2000:]
+    saved = np.load(probs_path(tmp_path / "d.csv"))
+    weights = np.array(record["class_weights"], dtype=np.float32)
+    assert str(saved["decisions"]) == str(tuned_exp / FILE) and np.allclose(saved["class_weights"], weights)
+    assert _answers(tmp_path / "d.csv") == decide(saved["probs"], weights).tolist()
+    assert _answers(tmp_path / "d.csv") != _answers(plain)  # the decisions change the submission
+    assert json.loads((tmp_path / "d.predict.json").read_text())["decisions"] == str(tuned_exp / FILE)
+    argmax = _maskdist(tmp_path, "predict", tuned_exp, "--shards", small_shards, "--out", tmp_path / "a.csv", "--workers", "0",
+                       "--batch-size", "8", "--decisions", "argmax")
+    assert argmax.returncode == 0 and (tmp_path / "a.csv").read_bytes() == plain.read_bytes()
+    assert str(np.load(probs_path(tmp_path / "a.csv"))["decisions"]) == "argmax"
+
+
+def test_mixed_models_each_see_their_own_input_and_vote_as_the_mean_of_their_own_predictions(experiment, small_shards, tmp_path):
+    from maskdist.infer import predict as predict_api
+
+    other = tmp_path / "resnet"  # part heads, another normalisation (0.5) and another input size
+    trained = _maskdist(tmp_path, "train", "--shards", small_shards, "--fold", "0", "--out", other, "--model", "test_resnet",
+                        "--heads", "parts", "--resize", "64", "--crop", "56", "--batch-size", "16", "--workers", "0",
+                        "--epochs", "1", "--max-steps", "3", timeout=300)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    alone = {}
+    for name, sources in (("efficientnet", [experiment]), ("resnet", [other / "fold0"]), ("both", [experiment, other / "fold0"])):
+        predict_api.predict(sources, tmp_path / f"{name}.csv", shards=str(small_shards), workers=0, batch_size=8)
+        alone[name] = np.load(probs_path(tmp_path / f"{name}.csv"))
+    record = json.loads((tmp_path / "both.predict.json").read_text())
+    assert [(g["resize"], g["crop"]) for g in record["input_groups"]] == [(64, 48), (64, 56)]
+    assert {m["heads"] for m in record["members"]} == {"single", "parts"} and record["experiment_weights"] == [0.5, 0.5]
+    assert not np.allclose(alone["efficientnet"]["probs"], alone["resnet"]["probs"], atol=1e-3)
+    assert np.allclose(alone["both"]["probs"], (alone["efficientnet"]["probs"] + alone["resnet"]["probs"]) / 2, atol=1e-5)
+    assert np.allclose(alone["both"]["fold_probs"][:, FOLDS], alone["resnet"]["probs"], atol=1e-5)
+
+
+def test_an_interrupted_fold_is_refused_by_predict_and_oof_and_recorded_when_allowed(experiment, small_shards, tmp_path):
+    from maskdist.infer import predict as predict_api, scoring
+    from maskdist.train.preemption import PREEMPTED_EXIT
+
+    cut = tmp_path / "cut"
+    shutil.copytree(experiment, cut)
+    shutil.rmtree(cut / "fold1")
+    # a real interruption: SIGTERM once epoch 0's best model is saved, two epochs before the end
+    proc = subprocess.Popen([sys.executable, "-m", "maskdist", "train", "--shards", str(small_shards), "--fold", "1", "--out",
+                             str(cut), *TRAIN[:-4], "--epochs", "3", "--batch-size", "4", "--max-steps", "40"],
+                            env=launch_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    model_json = cut / "fold1" / checkpoint.MODEL_JSON
+    deadline = 120
+    while not model_json.exists() and deadline > 0 and proc.poll() is None:
+        subprocess.run(["sleep", "0.05"])
+        deadline -= 0.05
+    proc.send_signal(15)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == PREEMPTED_EXIT, output[-2000:]
+
+    refused = _maskdist(tmp_path, "predict", cut, "--shards", small_shards, "--out", tmp_path / "s.csv")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "fold 1): interrupted" in refused.stderr and "--allow-unfinished" in refused.stderr
+    assert not (tmp_path / "s.csv").exists()
+    with pytest.raises(MaskdistError, match=r"fold 1\): interrupted (at|after) epoch"):
+        scoring.oof_scores(cut)
+    summary = predict_api.predict([cut], tmp_path / "s.csv", shards=str(small_shards), workers=0, allow_unfinished=True)
+    assert len(summary["unfinished"]) == 1 and summary["unfinished"][0].startswith("cut/fold1: interrupted")
+    assert list(np.load(probs_path(tmp_path / "s.csv"))["unfinished"]) == summary["unfinished"]
+    members = json.loads((tmp_path / "s.predict.json").read_text())["members"]
+    assert [m["finished"] for m in members] == [True, False, True]
+    assert scoring.oof_scores(cut, allow_unfinished=True)["unfinished"] == summary["unfinished"]
+
+
+def test_predict_takes_its_precision_from_the_folds_config(experiment, small_shards, tmp_path):
+    import yaml
+
+    from maskdist.infer.predict import resolve_precision
+
+    runs = tmp_path / "bf16"
+    shutil.copytree(experiment, runs)
+    for fold in range(FOLDS):
+        config = runs / f"fold{fold}" / checkpoint.CONFIG
+        config.write_text(yaml.safe_dump(yaml.safe_load(config.read_text()) | {"precision": "bf16"}))
+    assert resolve_precision("auto", [runs]) == ("bf16", "")
+    assert resolve_precision("no", [runs]) == ("no", "")  # an explicit value wins
+    mixed_precision, note = resolve_precision("auto", [runs, experiment / "fold0"])
+    assert mixed_precision == "no" and "bf16" in note and "pass --precision" in note
+    done = _maskdist(tmp_path, "predict", runs, "--shards", small_shards, "--out", tmp_path / "p.csv", "--workers", "0")
+    assert done.returncode == 0 and "(bf16)" in done.stdout, done.stderr[-2000:]
+    assert json.loads((tmp_path / "p.predict.json").read_text())["precision"] == "bf16"
+
+
+def test_audit_writes_ranked_suspects_a_contact_sheet_and_a_fixes_file(experiment, small_synth, tmp_path):
+    import cv2
+
+    from maskdist.data import layout
+    from maskdist.infer import contact_sheet
+
+    out = tmp_path / "audit"
+    done = _maskdist(tmp_path, "audit", experiment, "--out", out, "--people", "3", "--min-evidence", "gender=0.4,age=0.5,swap=0.4")
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((out / "audit.json").read_text())
+    suspects = pd.read_csv(out / "suspects.csv")
+    assert len(suspects) >= 2 * summary["people"] and list(suspects["rank"]) == list(range(1, len(suspects) + 1))
+    sheet = cv2.imread(str(out / "contact_sheet.png"))
+    assert (sheet.shape[1], sheet.shape[0]) == contact_sheet.sheet_size(summary["sheet"]["people"]) and summary["sheet"]["photos"] > 0
+    table, report = layout.read_train(small_synth / "train", fixes=out / "fixes.csv")  # the format --fixes reads
+    assert len(report.by_kind().get("fix-applied", [])) == summary["fixes"] > 0

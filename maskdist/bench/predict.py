@@ -1,10 +1,10 @@
 """``maskdist bench predict``: the fold ensemble's prediction against a bare forward of the
 same models on the same decoded images.
 
-:func:`bench_predict` times :func:`maskdist.infer.predict.ensemble_probs` over the eval shards
+:func:`bench_predict` times :func:`maskdist.infer.ensemble.vote` over the eval shards
 exactly as ``maskdist predict`` runs it (loader workers decoding, normalisation on the
 device, every fold model, TTA), then a bare loop over the same images already decoded into
-memory: ``softmax(model(x))`` for each model, nothing else. The ratio predict / bare says
+memory: ``softmax(model(x))`` for each model, one host copy per batch, nothing else. The ratio predict / bare says
 what the loading and bookkeeping cost; the target is 0.9 or more.
 """
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from maskdist.data import transforms
-from maskdist.infer.predict import ShardEval, ensemble_probs, load_ensemble
+from maskdist.infer.ensemble import load_ensemble, pin_memory, vote
+from maskdist.infer.predict import ShardEval, resolve_precision
 from maskdist.model import heads
 from maskdist.system import distributed
 
@@ -50,44 +51,51 @@ class PredictBench:
 
 
 def bench_predict(runs: Sequence[str | Path], shards: str, info_csv: str | Path | None = None, batch_size: int = 64,
-                  workers: int = 2, tta: str = "none", precision: str = "no", rounds: int = 2) -> PredictBench:
+                  workers: int = 2, tta: str = "none", precision: str = "auto", rounds: int = 2,
+                  allow_unfinished: bool = False) -> PredictBench:
     """Run the benchmark (see the module docstring); rounds alternate the two loops."""
+    precision, _note = resolve_precision(precision, runs, allow_unfinished)
     accelerator = distributed.make_accelerator(precision)
     device = accelerator.device
-    ensemble = load_ensemble(runs, "uniform", device)
+    ensemble = load_ensemble(runs, "uniform", device, allow_unfinished)
     eval_set = ShardEval(shards, info_csv)
     channels_last = device.type == "cuda"
+    pin = pin_memory(device)
+
+    def make_loader(group):
+        return eval_set.loader(group, batch_size, 0, 1, workers, pin)
 
     def predict_pass() -> int:
-        loader = eval_set.loader(ensemble, batch_size, 0, 1, workers)
+        votes = vote(ensemble, make_loader, device, tta, accelerator.autocast)
+        return len(votes.probs) + len(votes.failed)
+
+    decoded = {}  # the same images, decoded once per input group
+    for g, group in enumerate(ensemble.groups):
+        loader = make_loader(group)
         try:
-            rows, failed = ensemble_probs(ensemble, loader, device, tta, accelerator.autocast)
+            decoded[g] = [batch["image"].clone() for batch in loader]
         finally:
             loader.close()
-        return len(rows) + len(failed)
-
-    decoded = []  # the same images, decoded once
-    loader = eval_set.loader(ensemble, batch_size, 0, 1, workers)
-    try:
-        decoded = [batch["image"].clone() for batch in loader]
-    finally:
-        loader.close()
     views = 2 if tta == "hflip" else 1
 
     def bare_pass() -> int:
         n = 0
         with torch.no_grad():
-            for images in decoded:
-                x = transforms.to_device(images, device, ensemble.mean, ensemble.std, channels_last)
-                for member in ensemble.members:
-                    for view in ([x, torch.flip(x, dims=[3])] if views == 2 else [x]):
-                        with accelerator.autocast():
-                            heads.probabilities(member.model(view), member.card.get("heads", "single")).cpu()
-                n += len(images)
-        return n
+            for g, group in enumerate(ensemble.groups):
+                for images in decoded[g]:
+                    out = []
+                    for i in group.members:
+                        member = ensemble.members[i]
+                        x = transforms.to_device(images, device, *member.normalisation, channels_last)
+                        for view in ([x, torch.flip(x, dims=[3])] if views == 2 else [x]):
+                            with accelerator.autocast():
+                                out.append(heads.probabilities(member.model(view), member.card.get("heads", "single")))
+                    torch.stack(out, dim=1).cpu()
+                    n += len(images)
+        return n // max(1, len(ensemble.groups))
 
     def timed(fn) -> float:
-        if device.type == "cuda":
+        if device.type == "cuda":  # cuda: time the device's work, not just its queueing
             torch.cuda.synchronize(device)
         started = time.perf_counter()
         fn()

@@ -131,10 +131,12 @@ def bench_epoch_cmd(shards, worker_list, steps, warmup, config_file, fold, model
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option("--tta", type=click.Choice(["none", "hflip"]), default="none", show_default=True)
-@click.option("--precision", type=click.Choice(["no", "bf16", "fp16"]), default="no", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "no", "bf16", "fp16"]), default="auto", show_default=True,
+              help="Mixed precision; auto: the one the folds were trained with.")
 @click.option("--rounds", type=int, default=2, show_default=True, help="Alternating timed rounds of each loop.")
+@click.option("--allow-unfinished", is_flag=True, help="Let folds that did not finish their schedule vote.")
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
-def bench_predict_cmd(runs, shards, info_csv, batch_size, workers, tta, precision, rounds, as_json):
+def bench_predict_cmd(runs, shards, info_csv, batch_size, workers, tta, precision, rounds, allow_unfinished, as_json):
     """The fold ensemble's predict vs a bare forward of the same models on the same decoded images."""
     import dataclasses
     import json
@@ -142,7 +144,7 @@ def bench_predict_cmd(runs, shards, info_csv, batch_size, workers, tta, precisio
     from maskdist.bench import predict as bench_api
 
     result = bench_api.bench_predict(runs, shards, info_csv, batch_size=batch_size, workers=workers, tta=tta,
-                                     precision=precision, rounds=rounds)
+                                     precision=precision, rounds=rounds, allow_unfinished=allow_unfinished)
     click.echo(json.dumps(dataclasses.asdict(result) | {"ratio": result.ratio}) if as_json else result.describe())
 
 

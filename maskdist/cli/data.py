@@ -19,14 +19,17 @@ from maskdist.cli.base import Group, main
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--workers", type=int, default=1, show_default=True, help="Processes writing images.")
 @click.option("--external", type=int, default=0, show_default=True, help="Also write N outside-style images (age in the file name, no labels).")
+@click.option("--label-noise", type=float, default=0.0, show_default=True,
+              help="Plant label errors (gender, age group, incorrect/normal swap) in this share of training people;"
+                   " the truth goes to OUT/label_noise.csv.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing dataset at OUT.")
-def synth(out, people, scale, eval_people, seed, workers, external, overwrite):
+def synth(out, people, scale, eval_people, seed, workers, external, label_noise, overwrite):
     """Write a synthetic dataset in the competition layout to OUT."""
     from maskdist.data import synth as synth_api
 
     summary = synth_api.write_dataset(
         out, people=people, scale=scale, eval_people=eval_people, seed=seed, workers=workers,
-        external=external, overwrite=overwrite, progress=True,
+        external=external, overwrite=overwrite, progress=True, label_noise=label_noise,
     )
     click.echo(summary.describe())
 

@@ -1,4 +1,4 @@
-"""Commands that use trained folds: ``predict``, ``score``, ``oof`` and ``pseudo-label``."""
+"""Commands that use trained folds: ``predict``, ``score``, ``oof``, ``audit`` and ``pseudo-label``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,18 @@ import click
 
 from maskdist.cli.base import main
 
-# --- predict, score, oof, pseudo-label (maskdist.infer) ----------------------------------
+# --- predict, score, oof, audit, pseudo-label (maskdist.infer) ---------------------------
+
+PRECISION_HELP = "Mixed precision; auto: the one the folds were trained with (their config.yaml)."
+DECISIONS_HELP = ("tuned: the decisions `maskdist oof RUNS --tune` wrote into the experiment, when it has them (else the"
+                  " argmax); argmax: the most probable class; or a decisions file.")
+UNFINISHED_HELP = "Let folds that did not finish their schedule vote (the outputs record them)."
+
+
+def _is_main() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 @main.command()
@@ -18,16 +29,20 @@ from maskdist.cli.base import main
               help="info.csv of the shard set's eval part (default: the one it was built from).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("submission.csv"), show_default=True)
 @click.option("--weights", "weighting", type=click.Choice(["uniform", "f1"]), default="uniform", show_default=True,
-              help="Average folds uniformly or weighted by validation F1.")
+              help="Average each experiment's folds uniformly or weighted by validation F1.")
+@click.option("--decisions", default="tuned", show_default=True, help=DECISIONS_HELP)
 @click.option("--tta", type=click.Choice(["none", "hflip"]), default="none", show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True)
-@click.option("--precision", type=click.Choice(["no", "bf16", "fp16"]), default="no", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "no", "bf16", "fp16"]), default="auto", show_default=True, help=PRECISION_HELP)
 @click.option("--timeout-s", type=int, default=1800, show_default=True, help="Collective-operation timeout (a hung rank becomes an error).")
-def predict(runs, shards, eval_dir, info_csv, out, weighting, tta, batch_size, workers, precision, timeout_s):
-    """The fold ensemble votes on the eval set and writes the submission.
+@click.option("--allow-unfinished", is_flag=True, help=UNFINISHED_HELP)
+def predict(runs, shards, eval_dir, info_csv, out, weighting, decisions, tta, batch_size, workers, precision, timeout_s,
+            allow_unfinished):
+    """The ensemble votes on the eval set and writes the submission.
 
-    RUNS: an experiment folder (all of its fold<K>) or fold run folders one by one.
+    RUNS: experiment folders (all of their fold<K>; several experiments vote together) or
+    fold run folders one by one.
     """
     from maskdist.system import parallel
 
@@ -36,10 +51,14 @@ def predict(runs, shards, eval_dir, info_csv, out, weighting, tta, batch_size, w
     from maskdist.infer import predict as predict_api
 
     summary = predict_api.predict(runs, out, shards=shards, eval_dir=eval_dir, info_csv=info_csv, weighting=weighting,
-                                  tta=tta, batch_size=batch_size, workers=workers, precision=precision, timeout_s=timeout_s)
-    if summary["processes"] == 1 or int(__import__("os").environ.get("RANK", "0")) == 0:
-        click.echo(f"{summary['images']} images x {summary['models']} models on {summary['processes']} process(es): "
-                   f"{summary['images_per_s']:.0f} img/s; wrote {summary['out']} and {summary['probs']}")
+                                  tta=tta, batch_size=batch_size, workers=workers, precision=precision, timeout_s=timeout_s,
+                                  decisions=decisions, allow_unfinished=allow_unfinished)
+    if summary["processes"] == 1 or _is_main():
+        for note in summary["notes"]:
+            click.echo(f"note: {note}", err=True)
+        click.echo(f"{summary['images']} images x {summary['models']} models on {summary['processes']} process(es)"
+                   f" ({summary['precision']}): {summary['images_per_s']:.0f} img/s; decisions {summary['decisions']};"
+                   f" wrote {summary['out']}, {summary['probs']} and {summary['record']}")
 
 
 @main.command()
@@ -53,45 +72,95 @@ def score(submission, answers, as_json):
     from maskdist.infer import scoring
 
     scores = scoring.score_submission(submission, answers)
+    warning = scoring.placeholder_warning(answers)
+    if warning:
+        click.echo(warning, err=True)
     click.echo(json.dumps(scores.to_dict()) if as_json else scoring.describe_scores(scores))
 
 
 @main.command()
-@click.argument("experiment", type=click.Path(path_type=Path))
+@click.argument("experiments", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--tune", is_flag=True, help="Tune decisions (and, for several experiments, their weights) on the OOF predictions"
+              " and write them into the experiment, with the nested (honest) figure.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where --tune writes (default: EXPERIMENT/decisions.json; decisions-with-<B>.json for several).")
+@click.option("--force", is_flag=True, help="Write the tuned decisions even when their nested gain is not positive.")
+@click.option("--allow-unfinished", is_flag=True, help="Read the OOF predictions of folds that did not finish (recorded).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-def oof(experiment, as_json):
-    """Cross-validated macro F1: each fold's, and that of all out-of-fold predictions."""
+def oof(experiments, tune, out, force, allow_unfinished, as_json):
+    """Cross-validated macro F1 (each fold's, and that of all out-of-fold predictions); with
+    --tune, decisions tuned for macro F1 on them."""
     import json
 
-    from maskdist.infer import scoring
+    from maskdist.infer import oof as oof_api, scoring
 
-    result = scoring.oof_scores(experiment)
+    result = oof_api.oof_scores(list(experiments), allow_unfinished)
+    tuned = oof_api.tune_decisions(list(experiments), out, force, allow_unfinished) if tune else None
     if as_json:
-        click.echo(json.dumps({"folds": {k: v.to_dict() for k, v in result["folds"].items()}, "oof": result["oof"].to_dict()}))
+        data = {"folds": {k: v.to_dict() for k, v in result["folds"].items()}, "oof": result["oof"].to_dict(),
+                "unfinished": result["unfinished"]}
+        if "blend" in result:
+            data["blend"] = result["blend"].to_dict()
+            data["experiments"] = {k: v["oof"].macro_f1 for k, v in result["experiments"].items()}
+        if tuned is not None:
+            data["decisions"] = tuned
+        click.echo(json.dumps(data))
         return
+    for note in result["unfinished"]:
+        click.echo(f"note: unfinished fold read: {note}", err=True)
     for fold, scores in sorted(result["folds"].items()):
         click.echo(f"fold {fold}: macro F1 {scores.macro_f1:.4f} ({scores.samples} images)")
     click.echo(scoring.describe_scores(result["oof"], "out-of-fold: "))
+    for name, item in result.get("experiments", {}).items():
+        click.echo(f"{name}: out-of-fold macro F1 {item['oof'].macro_f1:.4f}")
+    if "blend" in result:
+        click.echo(f"equal-weight blend of {len(result['experiments'])} experiments: out-of-fold macro F1 {result['blend'].macro_f1:.4f}")
+    if tuned is not None:
+        click.echo(oof_api.describe_tuned(tuned))
+
+
+@main.command()
+@click.argument("experiments", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Output folder (default: EXPERIMENT/audit).")
+@click.option("--shards", default=None, help="The shard set the folds trained on, for the photos (default: the folds' config.yaml).")
+@click.option("--people", type=int, default=24, show_default=True, help="Suspect people on the contact sheet.")
+@click.option("--min-evidence", default=None, help="Per-kind evidence to flag a suspect, e.g. gender=0.9,age=1.25,swap=0.9.")
+@click.option("--truth", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A label-fix file of known errors (synth --label-noise writes label_noise.csv): print precision and recall.")
+@click.option("--allow-unfinished", is_flag=True, help="Read the OOF predictions of folds that did not finish (recorded).")
+def audit(experiments, out, shards, people, min_evidence, truth, allow_unfinished):
+    """Rank label suspects (per image and per person) from the OOF predictions; write a CSV, a
+    contact sheet PNG of the suspects' photos and a fixes file for `shards build --fixes`."""
+    from maskdist.infer import audit as audit_api
+    from maskdist.infer.pseudo import parse_part_confidence
+
+    thresholds = parse_part_confidence(min_evidence, "--min-evidence", "gender=0.9,age=1.25,swap=0.9") if min_evidence else None
+    summary = audit_api.run_audit(list(experiments), out, shards, people, truth, thresholds, allow_unfinished)
+    click.echo(audit_api.describe(summary))
 
 
 @main.command("pseudo-label")
-@click.argument("runs", type=click.Path(path_type=Path))
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.argument("images_dir", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("pseudo_labels.csv"), show_default=True)
 @click.option("--min-confidence", type=float, default=0.5, show_default=True, help="Drop images whose ensemble confidence is lower.")
 @click.option("--age-from-filename", default=None, help="Regex with one group capturing the age in years from the file name, e.g. '_(\\d+)\\.'.")
+@click.option("--decisions", default="tuned", show_default=True, help=DECISIONS_HELP)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True)
-@click.option("--precision", type=click.Choice(["no", "bf16", "fp16"]), default="no", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "no", "bf16", "fp16"]), default="auto", show_default=True, help=PRECISION_HELP)
 @click.option("--timeout-s", type=int, default=1800, show_default=True, help="Collective-operation timeout (a hung rank becomes an error).")
 @click.option("--part-confidence", default=None,
               help="Per-part thresholds on the chosen part's probability, e.g. mask=0.5,gender=0.9,age=0.8.")
-def pseudo_label(runs, images_dir, out, min_confidence, age_from_filename, batch_size, workers, precision, timeout_s,
-                 part_confidence):
-    """Label outside images with the fold ensemble; the CSV feeds `shards build --extra`."""
+@click.option("--allow-unfinished", is_flag=True, help=UNFINISHED_HELP)
+def pseudo_label(runs, images_dir, out, min_confidence, age_from_filename, decisions, batch_size, workers, precision, timeout_s,
+                 part_confidence, allow_unfinished):
+    """Label outside images with the ensemble; the CSV feeds `shards build --extra`.
+
+    RUNS: one or more experiment folders (or fold run folders), then IMAGES_DIR."""
     from maskdist.infer import pseudo
 
-    report = pseudo.pseudo_label([runs], images_dir, out, min_confidence, age_from_filename, batch_size, workers,
-                                 precision=precision, timeout_s=timeout_s,
+    report = pseudo.pseudo_label(list(runs), images_dir, out, min_confidence, age_from_filename, batch_size, workers,
+                                 precision=precision, timeout_s=timeout_s, decisions=decisions, allow_unfinished=allow_unfinished,
                                  part_confidence=pseudo.parse_part_confidence(part_confidence))
     click.echo(report.describe())

@@ -10,6 +10,7 @@
     OUT/external/<nnnnnn>_<age>.jpg  only with external=N (no labels inside external/)
     OUT/external_answers.csv         file,ans,mask,gender,age (mask and gender as codes)
     OUT/synth.json                   parameters, person and per-class counts, planted quirks
+    OUT/label_noise.csv              only with label_noise > 0: the planted label errors (a fix file)
 
 The images are drawn faces: a mask cue (worn / pulled below the nose or onto the chin /
 not worn), a noisy, overlapping gender cue (hair length, face width, brows, lips) and a
@@ -37,6 +38,7 @@ import cv2
 import numpy as np
 
 from maskdist.data import labels as L
+from maskdist.data import noise
 from maskdist.data.faces import HEIGHT, WIDTH, draw_face, make_traits
 from maskdist.data.people import (  # noqa: F401 (the public names stay here too)
     EVAL_FRACTION,
@@ -133,9 +135,19 @@ class _Plan:
     external_jobs: list[PersonJob]
     external_rows: list[tuple[str, int, int, int, int]]
     quirks: dict
+    noise_rows: list[tuple] = field(default_factory=list)  # label_noise.csv (see maskdist.data.noise)
+    noise: dict = field(default_factory=dict)  # person index -> PlantedError
 
 
-def _plan(seed: int, train_counts, eval_counts, external: int) -> _Plan:
+def _swap_incorrect_normal(files: tuple[tuple[str, int, int], ...]) -> tuple[tuple[str, int, int], ...]:
+    """The same drawings with the incorrect_mask and normal file names exchanged."""
+    names = [rel for rel, _, _ in files]
+    i, j = (k for k, stem in enumerate(L.STEMS) if stem in ("incorrect_mask", "normal"))
+    names[i], names[j] = names[j], names[i]
+    return tuple((name, mask, index) for name, (_, mask, index) in zip(names, files))
+
+
+def _plan(seed: int, train_counts, eval_counts, external: int, label_noise: float = 0.0) -> _Plan:
     rng = np.random.default_rng([seed, 9, 0])
     people = people_of(rng, train_counts)
     n = len(people)
@@ -162,10 +174,13 @@ def _plan(seed: int, train_counts, eval_counts, external: int) -> _Plan:
     if n >= 20:
         for mode, p in zip((1, 2, 3), rng.choice(n, size=3, replace=False)):
             modes[int(p)] = mode
-    train_rows, train_jobs = [], []
+    planted = noise.plant(seed, people, ids, label_noise) if label_noise else {}
+    train_rows, train_jobs, noise_rows = [], [], []
     for i, ((gender, age), pid) in enumerate(zip(people, ids)):
-        recorded = min(age, L.METRIC_AGE_CUT)
-        path = f"{pid}_{L.GENDER_NAMES[gender]}_Asian_{recorded}"
+        recorded, recorded_gender = min(age, L.METRIC_AGE_CUT), gender
+        if i in planted:
+            recorded, recorded_gender = planted[i].age, planted[i].gender
+        path = f"{pid}_{L.GENDER_NAMES[recorded_gender]}_Asian_{recorded}"
         mode = _EXT_MODES[modes[i]]
         if mode == "mixed":
             exts = list(rng.choice(["jpg", "png", "jpeg"], size=IMAGES_PER_PERSON, p=(0.5, 0.3, 0.2)))
@@ -174,8 +189,12 @@ def _plan(seed: int, train_counts, eval_counts, external: int) -> _Plan:
             exts = [mode] * IMAGES_PER_PERSON
         if mode != "jpg":
             quirks["ext_people"][path] = mode
-        train_rows.append({"id": pid, "gender": L.GENDER_NAMES[gender], "race": "Asian", "age": recorded, "path": path})
-        train_jobs.append(PersonJob(TRAIN, i, gender, age, _mask_files(f"train/images/{path}/", exts)))
+        train_rows.append({"id": pid, "gender": L.GENDER_NAMES[recorded_gender], "race": "Asian", "age": recorded, "path": path})
+        files = _mask_files(f"train/images/{path}/", exts)
+        if i in planted:
+            files = _swap_incorrect_normal(files) if planted[i].swapped else files
+            noise_rows.append(noise.truth_row(path, planted[i], gender, age))
+        train_jobs.append(PersonJob(TRAIN, i, gender, age, files))
     paths = [r["path"] for r in train_rows]
     if len(set(paths)) != len(paths):  # cannot happen by construction; guard the invariant
         raise RuntimeError("synthetic plan produced duplicate folder names")
@@ -202,7 +221,7 @@ def _plan(seed: int, train_counts, eval_counts, external: int) -> _Plan:
         name = f"{i + 1:06d}_{age}.jpg"
         external_jobs.append(PersonJob(EXTERNAL, i, gender, age, ((f"external/{name}", mask, int(ext_rng.integers(5))),)))
         external_rows.append((name, L.label_of(mask, gender, age), mask, gender, age))
-    return _Plan(train_rows, train_jobs, eval_jobs, eval_rows, external_jobs, external_rows, quirks)
+    return _Plan(train_rows, train_jobs, eval_jobs, eval_rows, external_jobs, external_rows, quirks, noise_rows, planted)
 
 
 # --- writing ------------------------------------------------------------------------------
@@ -223,6 +242,7 @@ class SynthSummary:
     images_per_second: float
     workers: int = 1
     eval_class_counts: list[int] = field(default_factory=list)
+    label_noise: dict = field(default_factory=dict)  # synth.json's "label_noise", when planted
 
     def describe(self) -> str:
         lines = [
@@ -231,8 +251,13 @@ class SynthSummary:
             f"eval: {self.eval_people} people, {self.eval_images} images; external: {self.external_images} images",
             f"  {self.train_images + self.eval_images + self.external_images} images in {self.seconds:.1f} s "
             f"({self.images_per_second:.0f} images/s, {self.workers} worker{'s' if self.workers != 1 else ''})",
-            "  training images per class (age cut 60):",
         ]
+        if self.label_noise:
+            n = self.label_noise
+            lines.append(f"  planted label errors: {n['people']} people ({', '.join(f'{k} {v}' for k, v in n['kinds'].items())}),"
+                         f" {n['images']} images ({100 * n['image_share']:.2f}%); truth in {self.out / n['truth']}")
+        lines.append("  training images per class (age cut 60, true labels):" if self.label_noise
+                     else "  training images per class (age cut 60):")
         for c, n in enumerate(self.class_counts):
             lines.append(f"    {c:2d} {L.class_name(c):<22} {n:6d}")
         return "\n".join(lines)
@@ -251,11 +276,13 @@ def _write_csv(path: Path, header: str, rows) -> None:
 
 
 def write_dataset(out, *, people=None, scale=None, eval_people=None, seed=0, workers=1, external=0,
-                  overwrite=False, progress=False) -> SynthSummary:
+                  overwrite=False, progress=False, label_noise=0.0) -> SynthSummary:
     """Write a synthetic dataset in the competition layout to ``out`` (see the module docstring).
 
     ``people`` scales the competition's person counts to that many training people, or
     ``scale`` multiplies them; ``eval_people`` defaults to 2/3 of the training people.
+    ``label_noise`` plants label errors in that share of training people, with the truth in
+    ``OUT/label_noise.csv`` (:mod:`maskdist.data.noise`).
     The folder appears only when complete: it is written to ``OUT.partial-<pid>`` and renamed.
     """
     out = Path(out)
@@ -272,10 +299,11 @@ def write_dataset(out, *, people=None, scale=None, eval_people=None, seed=0, wor
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise MaskdistError(f"{out} exists; pass --overwrite (overwrite=True) to replace it, or choose another folder")
     eval_counts = scaled_person_counts(int(eval_people))
+    label_noise = noise.check_rate(label_noise)
     seed, workers, external = int(seed), int(workers), int(external)
 
     start = time.perf_counter()
-    plan = _plan(seed, train_counts, eval_counts, external)
+    plan = _plan(seed, train_counts, eval_counts, external, label_noise)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f"{out.name}.partial-{os.getpid()}"
     if tmp.exists():
@@ -325,6 +353,8 @@ def write_dataset(out, *, people=None, scale=None, eval_people=None, seed=0, wor
         _write_csv(tmp / "eval_answers.csv", "ImageID,ans", plan.eval_rows)
         if external:
             _write_csv(tmp / "external_answers.csv", "file,ans,mask,gender,age", plan.external_rows)
+        if label_noise:
+            _write_csv(tmp / noise.NOISE_FILE, ",".join(noise.NOISE_COLUMNS), plan.noise_rows)
         # junk: macOS ._ files next to real images, hidden checkpoint folders
         junk_rng = np.random.default_rng([seed, 9, 4])
         junk = []
@@ -378,6 +408,9 @@ def write_dataset(out, *, people=None, scale=None, eval_people=None, seed=0, wor
             "train_extensions": dict(sorted(ext_counts.items())),
             "quirks": plan.quirks,
         }
+        if label_noise:  # only then: a dataset without noise keeps its bytes
+            meta["parameters"]["label_noise"] = label_noise
+            meta["label_noise"] = noise.summary(plan.noise, len(plan.train_rows), label_noise)
         (tmp / "synth.json").write_text(json.dumps(meta, indent=2) + "\n")
         if out.exists() or out.is_symlink():  # overwrite: swap in, then remove the old one
             old = out.parent / f"{out.name}.old-{os.getpid()}"
@@ -398,5 +431,5 @@ def write_dataset(out, *, people=None, scale=None, eval_people=None, seed=0, wor
         out=out, train_people=len(plan.train_rows), train_images=sum(class_counts), eval_people=len(plan.eval_jobs),
         eval_images=len(plan.eval_rows), external_images=external, class_counts=class_counts, seconds=seconds,
         images_per_second=n_images / seconds if seconds > 0 else float("inf"), workers=workers,
-        eval_class_counts=eval_class_counts,
+        eval_class_counts=eval_class_counts, label_noise=meta.get("label_noise", {}),
     )

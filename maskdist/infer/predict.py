@@ -1,199 +1,35 @@
-"""The k-fold ensemble: every fold model votes (mean of softmax probabilities) on every image.
+"""The submission: the ensemble (:mod:`maskdist.infer.ensemble`) votes on the eval images,
+from the shard set's eval part or a competition eval folder, and the decisions
+(:mod:`maskdist.infer.decisions`: tuned on the OOF predictions, or the argmax) pick each
+image's class.
 
-Runs on any number of processes: each process predicts its own share of the images with all
-fold models, then ``gather_object`` collects ``(key, probabilities)`` rows on every process
-and duplicates are dropped by key, so each image is predicted once whatever the process
-count. The main process writes the outputs, atomically.
+The main process writes the outputs, atomically: the submission, its ``.probs.npz`` (the
+probabilities of the ensemble and of every model) and its ``.predict.json`` (what voted and
+how: members, weights, decisions, precision, unfinished folds).
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import re
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import DataLoader, Dataset
 
 from maskdist import streams
-from maskdist.config import TTAS, WEIGHTINGS
-from maskdist.data import layout, transforms
-from maskdist.data.images import ImageError, decode_rgb
+from maskdist.data import layout
 from maskdist.errors import MaskdistError
-from maskdist.model import heads
+from maskdist.infer import decisions as decisions_mod
+from maskdist.infer.ensemble import Ensemble, InputGroup, folder_loader, load_ensemble, mix, pin_memory, vote
+from maskdist.infer.members import find_members, trained_precision, unfinished
 from maskdist.shards.format import eval_key
 from maskdist.shards.manifest import open_shard_set
-from maskdist.system import distributed, parallel
-from maskdist.system.fileio import atomic_path
-from maskdist.train import checkpoint
+from maskdist.system import distributed
+from maskdist.system.fileio import atomic_path, atomic_write_json
 
-
-@dataclass
-class Member:
-    """One fold model of the ensemble."""
-
-    run_dir: Path
-    card: dict
-    model: torch.nn.Module | None = None
-
-
-@dataclass
-class Ensemble:
-    members: list[Member]
-    weights: np.ndarray  # one per member, summing to 1
-    resize: int
-    crop: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    folds: int = 0
-    notes: list[str] = field(default_factory=list)
-
-
-def find_members(sources: Sequence[str | os.PathLike]) -> list[Path]:
-    """Fold run folders: every ``fold<K>`` of an experiment folder, or run folders given one by one.
-
-    An experiment folder must hold every fold 0..k-1 of the k its models were trained with.
-    """
-    if len(sources) == 1 and not (Path(sources[0]) / checkpoint.MODEL_JSON).exists():
-        root = Path(sources[0])
-        if not root.is_dir():
-            raise MaskdistError(f"{root} not found: pass the experiment folder that holds fold0, fold1, ...")
-        runs = sorted((p for p in root.iterdir() if re.fullmatch(r"fold\d+", p.name)), key=lambda p: int(p.name[4:]))
-        if not runs:
-            raise MaskdistError(f"{root} holds no fold<K> folders: train the folds first (maskdist kfold / maskdist train)")
-        cards = {}
-        for run in runs:
-            cards[run] = checkpoint.read_card(run)
-            if not (run / checkpoint.WEIGHTS).is_file():
-                raise MaskdistError(f"{run / checkpoint.WEIGHTS} not found: fold {run.name[4:]} did not finish training; resume it")
-        k = {len(card.get("train_folds", [])) + 1 for card in cards.values()}
-        if len(k) != 1:
-            raise MaskdistError(f"{root}: the fold models were trained with different fold counts {sorted(k)}: retrain them on one shard set")
-        expected = set(range(k.pop()))
-        found = {card["fold"] for card in cards.values()}
-        if found != expected:
-            missing = sorted(expected - found)
-            raise MaskdistError(f"{root}: fold(s) {', '.join(map(str, missing))} missing of {len(expected)}: train them,"
-                                " or pass the run folders to use one by one")
-        return runs
-    runs = [Path(s) for s in sources]
-    for run in runs:
-        checkpoint.read_card(run)
-    return runs
-
-
-def load_ensemble(sources: Sequence[str | os.PathLike], weighting: str = "uniform", device: torch.device | str = "cpu") -> Ensemble:
-    """Load the fold models; refuse models that disagree on classes, input size or normalisation."""
-    if weighting not in WEIGHTINGS:
-        raise MaskdistError(f"unknown ensemble weighting {weighting!r}: choose {' or '.join(WEIGHTINGS)}")
-    runs = find_members(sources)
-    members = []
-    for run in runs:
-        model, card = checkpoint.load(run, device)
-        members.append(Member(run, card, model))
-    first = members[0].card
-    for member in members[1:]:
-        for key in ("num_classes", "classes", "image", "normalisation", "metric_age_cut"):
-            if member.card.get(key) != first.get(key):
-                raise MaskdistError(
-                    f"{member.run_dir} disagrees with {members[0].run_dir} on {key} "
-                    f"({member.card.get(key)} vs {first.get(key)}): ensemble models must share classes and input"
-                )
-    folds = [m.card["fold"] for m in members]
-    if len(set(folds)) != len(folds):
-        raise MaskdistError(f"two models of the same fold ({folds}): pass each fold once")
-    if weighting == "f1":
-        f1 = np.array([float(m.card["metrics"]["macro_f1"]) for m in members])
-        weights = f1 / f1.sum() if f1.sum() > 0 else np.full(len(members), 1 / len(members))
-    else:
-        weights = np.full(len(members), 1 / len(members))
-    return Ensemble(members, weights, first["image"]["resize"], first["image"]["crop"],
-                    tuple(first["normalisation"]["mean"]), tuple(first["normalisation"]["std"]), len(members))
-
-
-class FolderImages(Dataset):
-    """Images from files, for a competition eval folder or outside images.
-
-    Undecodable files do not stop the loader: they come back with ``ok`` False and the
-    reason, for the caller to refuse (a submission) or skip and report (pseudo-labels).
-    """
-
-    def __init__(self, keys: Sequence[str], paths: Sequence[str], transform: transforms.Transform):
-        self.keys, self.paths, self.transform = list(keys), list(paths), transform
-        size = transform.output_size
-        self._blank = np.zeros((3, *size), np.uint8)
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __getitem__(self, index: int) -> dict:
-        path = self.paths[index]
-        try:
-            with open(path, "rb") as handle:
-                rgb = decode_rgb(handle.read())
-            return {"image": self.transform(rgb), "key": self.keys[index], "ok": True, "why": ""}
-        except (ImageError, OSError) as err:
-            return {"image": self._blank, "key": self.keys[index], "ok": False, "why": str(err)}
-
-
-def _collate(items: list[dict]) -> dict:
-    return {
-        "image": torch.from_numpy(np.stack([i["image"] for i in items])),
-        "key": [i["key"] for i in items],
-        "ok": [i["ok"] for i in items],
-        "why": [i["why"] for i in items],
-    }
-
-
-def folder_loader(keys, paths, transform, batch_size: int, rank: int, world_size: int, workers: int) -> DataLoader:
-    """This rank's share (every world_size-th image) of a list of files."""
-    share = slice(rank, None, world_size)
-    dataset = FolderImages(list(keys)[share], list(paths)[share], transform)
-    kwargs = dict(worker_init_fn=parallel.worker_init(), multiprocessing_context=parallel.context()) if workers else {}
-    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate, **kwargs)
-
-
-def ensemble_probs(ensemble: Ensemble, loader, device, tta: str = "none", autocast=contextlib.nullcontext) -> tuple[list, list]:
-    """This process's ``(key, ensemble probs, per-fold probs)`` rows and failed ``(key, why)``;
-    ``autocast`` is the accelerator's mixed-precision context."""
-    if tta not in TTAS:
-        raise MaskdistError(f"unknown TTA {tta!r}: choose {' or '.join(TTAS)}")
-    rows, failed = [], []
-    weights = torch.tensor(ensemble.weights, dtype=torch.float32)
-    channels_last = torch.device(device).type == "cuda"
-    with torch.no_grad():
-        for batch in loader:
-            x = transforms.to_device(batch["image"], device, ensemble.mean, ensemble.std, channels_last)
-            views = [x, torch.flip(x, dims=[3])] if tta == "hflip" else [x]
-            per_fold = []
-            for member in ensemble.members:
-                probs = 0
-                for view in views:
-                    with autocast():
-                        probs = probs + heads.probabilities(member.model(view), member.card.get("heads", "single"))
-                per_fold.append((probs / len(views)).cpu())
-            stacked = torch.stack(per_fold, dim=1)  # N x folds x classes
-            mixed = (stacked * weights.view(1, -1, 1)).sum(dim=1)
-            oks = batch.get("ok", [True] * len(batch["key"]))
-            for i, key in enumerate(batch["key"]):
-                if oks[i]:
-                    rows.append((key, mixed[i].numpy(), stacked[i].numpy()))
-                else:
-                    failed.append((key, batch["why"][i]))
-    return rows, failed
-
-
-def by_key(rows: list) -> dict:
-    """``key -> (ensemble probs, per-fold probs)``, the first row of each key (gathered
-    rows may repeat a key)."""
-    out = {}
-    for key, mixed, per_fold in rows:
-        out.setdefault(key, (mixed, per_fold))
-    return out
+PRECISIONS = ("auto", "no", "bf16", "fp16")  # auto: the precision the folds were trained with
 
 
 @dataclass
@@ -204,7 +40,8 @@ class EvalSet:
     info_path: Path | None
     keys: list[str]  # one per info row: the key predictions are gathered by
 
-    def loader(self, ensemble: Ensemble, batch_size: int, rank: int, world_size: int, workers: int):
+    def loader(self, group: InputGroup, batch_size: int, rank: int, world_size: int, workers: int, pin: bool = False):
+        """This rank's share of the images, as ``group``'s models take them."""
         raise NotImplementedError
 
 
@@ -229,9 +66,9 @@ class ShardEval(EvalSet):
             )
         super().__init__(info, info_path, [eval_key(row) for row in range(len(info))])
 
-    def loader(self, ensemble, batch_size, rank, world_size, workers):
-        tf = transforms.build_transform("none", ensemble.resize, ensemble.crop)
-        return streams.eval_loader(self.shard_set, "eval", batch_size, rank=rank, world_size=world_size, workers=workers, transform=tf)
+    def loader(self, group, batch_size, rank, world_size, workers, pin=False):
+        return streams.eval_loader(self.shard_set, "eval", batch_size, rank=rank, world_size=world_size, workers=workers,
+                                   transform=group.transform(), pin_memory=pin)
 
 
 class FolderEval(EvalSet):
@@ -246,9 +83,8 @@ class FolderEval(EvalSet):
         super().__init__(info, info_path, list(table["image_id"]))
         self.paths = list(table["path"])
 
-    def loader(self, ensemble, batch_size, rank, world_size, workers):
-        tf = transforms.build_transform("none", ensemble.resize, ensemble.crop)
-        return folder_loader(self.keys, self.paths, tf, batch_size, rank, world_size, workers)
+    def loader(self, group, batch_size, rank, world_size, workers, pin=False):
+        return folder_loader(self.keys, self.paths, group.transform(), batch_size, rank, world_size, workers, pin)
 
 
 def write_submission(info: pd.DataFrame, answers: Sequence[int], out: Path) -> None:
@@ -257,6 +93,54 @@ def write_submission(info: pd.DataFrame, answers: Sequence[int], out: Path) -> N
     filled["ans"] = [str(int(a)) for a in answers]
     with atomic_path(out) as tmp:
         filled.to_csv(tmp, index=False)
+
+
+def resolve_precision(precision: str, sources: Sequence[str | os.PathLike], allow_unfinished: bool = False) -> tuple[str, str]:
+    """``auto``: the precision the folds were trained with (and a note when they disagree);
+    any other value as given."""
+    if precision not in PRECISIONS:
+        raise MaskdistError(f"unknown precision {precision!r}: choose {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision, ""
+    return trained_precision(find_members(sources, allow_unfinished))
+
+
+def prepare(sources, weighting: str, decisions: str, precision: str, timeout_s: int, allow_unfinished: bool,
+            accelerator=None) -> tuple[Ensemble, decisions_mod.Applied, object, list[str]]:
+    """The accelerator (in the resolved precision), the ensemble (weighted by the decisions'
+    experiment weights when they have them) and the decisions; notes for the user."""
+    notes = []
+    if accelerator is None:
+        precision, note = resolve_precision(precision, sources, allow_unfinished)
+        notes += [note] if note else []
+        accelerator = distributed.make_accelerator(precision, timeout_s)
+    runs = find_members(sources, allow_unfinished)
+    experiments = list(dict.fromkeys(r.experiment for r in runs))
+    applied = decisions_mod.resolve(decisions, runs, experiments)
+    notes += [applied.note] if applied.note else []
+    ensemble = load_ensemble(sources, weighting, accelerator.device, allow_unfinished, applied.experiment_weights)
+    stopped = unfinished([m.run for m in ensemble.members])
+    if stopped:
+        notes.append(f"voting with unfinished fold(s): {'; '.join(stopped)}")
+    return ensemble, applied, accelerator, notes
+
+
+def describe_ensemble(ensemble: Ensemble, applied: decisions_mod.Applied, precision: str) -> dict:
+    """What voted and how (the ``.predict.json`` beside the submission)."""
+    return {
+        "members": [{"run": str(m.run_dir), "experiment": str(m.run.experiment), "fold": m.run.fold,
+                     "architecture": m.card["architecture"], "heads": m.card.get("heads", "single"),
+                     "image": m.card["image"], "normalisation": m.card["normalisation"], "weight": float(w),
+                     "finished": not m.run.stopped, "stopped": m.run.stopped}
+                    for m, w in zip(ensemble.members, ensemble.weights)],
+        "experiments": [str(e) for e in ensemble.experiments],
+        "experiment_weights": [float(v) for v in ensemble.experiment_weights],
+        "input_groups": [{"resize": g.resize, "crop": g.crop, "members": g.members} for g in ensemble.groups],
+        "decisions": applied.name,
+        "class_weights": None if applied.class_weights is None else [float(v) for v in applied.class_weights],
+        "precision": precision,
+        "unfinished": unfinished([m.run for m in ensemble.members]),
+    }
 
 
 def predict(
@@ -269,46 +153,61 @@ def predict(
     tta: str = "none",
     batch_size: int = 64,
     workers: int = 2,
-    precision: str = "no",
+    precision: str = "auto",
     timeout_s: int = distributed.DEFAULT_TIMEOUT_S,
     accelerator=None,
+    decisions: str = "tuned",
+    allow_unfinished: bool = False,
 ) -> dict:
-    """Write ``out`` (the submission) and ``out``'s ``.probs.npz``; return a summary."""
-    import time
+    """Write ``out`` (the submission), its ``.probs.npz`` and its ``.predict.json``; return a summary.
 
+    ``decisions``: ``tuned`` (the experiment's tuned decisions when it has them, else the
+    argmax), ``argmax``, or a decisions file. ``precision``: ``auto`` takes the folds'."""
     if (shards is None) == (eval_dir is None):
         raise MaskdistError("pass either --shards (the shard set's eval part) or --eval-dir (a competition eval folder)")
-    if accelerator is None:
-        accelerator = distributed.make_accelerator(precision, timeout_s)
-    ensemble = load_ensemble(sources, weighting, accelerator.device)
+    ensemble, applied, accelerator, notes = prepare(sources, weighting, decisions, precision, timeout_s, allow_unfinished, accelerator)
     eval_set = ShardEval(shards, info_csv) if shards is not None else FolderEval(eval_dir)
-    loader = eval_set.loader(ensemble, batch_size, accelerator.process_index, accelerator.num_processes, workers)
+    pin = pin_memory(accelerator.device)
+
+    def make_loader(group: InputGroup):
+        return eval_set.loader(group, batch_size, accelerator.process_index, accelerator.num_processes, workers, pin)
+
     started = time.perf_counter()
-    rows, failed = ensemble_probs(ensemble, loader, accelerator.device, tta, accelerator.autocast)
+    votes = vote(ensemble, make_loader, accelerator.device, tta, accelerator.autocast, accelerator)
     seconds = time.perf_counter() - started
-    predicted = by_key(distributed.gather_rows(rows, accelerator))
-    failed = distributed.gather_rows(failed, accelerator)
-    if failed:
-        listed = "; ".join(f"{k}: {why}" for k, why in failed[:5])
-        raise MaskdistError(f"{len(failed)} eval image(s) could not be read ({listed}): fix or replace them; no submission written")
-    missing = [k for k in eval_set.keys if k not in predicted]
-    if missing or len(predicted) != len(eval_set.keys):
+    if votes.failed:
+        listed = "; ".join(f"{k}: {why}" for k, why in votes.failed[:5])
+        raise MaskdistError(f"{len(votes.failed)} eval image(s) could not be read ({listed}): fix or replace them; no submission written")
+    missing = [k for k in eval_set.keys if k not in votes.probs]
+    if missing or len(votes.probs) != len(eval_set.keys):
         raise MaskdistError(f"{len(missing)} of {len(eval_set.keys)} eval images got no prediction (e.g. {missing[:3]}): no submission written")
-    mixed = np.stack([predicted[k][0] for k in eval_set.keys])
-    per_fold = np.stack([predicted[k][1] for k in eval_set.keys])
+    per_fold = votes.stacked(eval_set.keys)
+    mixed = mix(ensemble, per_fold)
+    answers = decisions_mod.decide(mixed, applied.class_weights)
     out = Path(out)
+    used_precision = accelerator.mixed_precision
     summary = {"images": len(eval_set.keys), "models": len(ensemble.members), "processes": accelerator.num_processes,
-               "seconds": seconds, "images_per_s": len(eval_set.keys) / max(seconds, 1e-9),
-               "out": str(out), "probs": str(probs_path(out))}
+               "seconds": seconds, "images_per_s": len(eval_set.keys) / max(seconds, 1e-9), "out": str(out),
+               "probs": str(probs_path(out)), "record": str(record_path(out)), "decisions": applied.name,
+               "precision": used_precision, "notes": notes, "unfinished": unfinished([m.run for m in ensemble.members])}
     if accelerator.is_main_process:
-        write_submission(eval_set.info, mixed.argmax(axis=1), out)
+        write_submission(eval_set.info, answers, out)
+        class_weights = applied.class_weights if applied.class_weights is not None else np.ones(mixed.shape[1])
         with atomic_path(probs_path(out)) as tmp, open(tmp, "wb") as handle:
-            np.savez_compressed(handle, image_id=np.array(eval_set.info["ImageID"], dtype=str), probs=mixed.astype(np.float32),
+            np.savez_compressed(handle, image_id=np.array(eval_set.info["ImageID"], dtype=str), probs=mixed,
                                 fold_probs=per_fold.astype(np.float32), weights=ensemble.weights.astype(np.float32),
-                                folds=np.array([m.card["fold"] for m in ensemble.members]))
+                                folds=np.array([m.run.fold for m in ensemble.members]),
+                                decisions=np.array(applied.name), class_weights=class_weights.astype(np.float32),
+                                unfinished=np.array(summary["unfinished"], dtype=str))
+        atomic_write_json(record_path(out), describe_ensemble(ensemble, applied, used_precision)
+                          | {"tta": tta, "weighting": weighting, "images": len(eval_set.keys)})
     accelerator.wait_for_everyone()
     return summary
 
 
 def probs_path(submission: Path) -> Path:
     return submission.with_name(submission.stem + ".probs.npz")
+
+
+def record_path(submission: Path) -> Path:
+    return submission.with_name(submission.stem + ".predict.json")

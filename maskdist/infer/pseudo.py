@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from maskdist.data import labels, layout, transforms
+from maskdist.data import labels, layout
 from maskdist.errors import MaskdistError
-from maskdist.infer.predict import by_key, ensemble_probs, folder_loader, load_ensemble
+from maskdist.infer.decisions import decide
+from maskdist.infer.ensemble import folder_loader, mix, pin_memory, vote
+from maskdist.infer.predict import prepare
 from maskdist.system import distributed
 from maskdist.system.fileio import atomic_path
 
@@ -33,9 +35,11 @@ class PseudoReport:
     age_not_in_name: int = 0
     low_part_confidence: dict = field(default_factory=dict)  # part -> images dropped below its threshold
     out: str = ""
+    decisions: str = "argmax"
+    notes: list = field(default_factory=list)
 
     def describe(self) -> str:
-        lines = [f"pseudo-labelled {self.labelled} of {self.images} images -> {self.out}",
+        lines = [*self.notes, f"pseudo-labelled {self.labelled} of {self.images} images -> {self.out} (decisions: {self.decisions})",
                  f"  dropped below the confidence threshold: {self.low_confidence}"
                  + "".join(f"; below the {part} threshold: {n}" for part, n in self.low_part_confidence.items()),
                  f"  unreadable, skipped: {len(self.unreadable)}"]
@@ -55,8 +59,9 @@ def _part_probability(probs: np.ndarray, part: str, value: int) -> float:
     return float(probs.sum(axis=others)[value])
 
 
-def parse_part_confidence(text: str | None) -> dict[str, float]:
-    """``"mask=0.5,gender=0.9,age=0.8"`` -> {"mask": 0.5, ...}."""
+def parse_part_confidence(text: str | None, option: str = "--part-confidence",
+                          example: str = "mask=0.5,gender=0.9,age=0.8") -> dict[str, float]:
+    """``"mask=0.5,gender=0.9,age=0.8"`` -> {"mask": 0.5, ...} (also the audit's ``--min-evidence``)."""
     out = {}
     for item in (text or "").split(","):
         if not item.strip():
@@ -65,7 +70,7 @@ def parse_part_confidence(text: str | None) -> dict[str, float]:
         try:
             out[part.strip()] = float(value)
         except ValueError:
-            raise MaskdistError(f"--part-confidence {text!r}: expected part=threshold pairs, e.g. mask=0.5,gender=0.9,age=0.8") from None
+            raise MaskdistError(f"{option} {text!r}: expected name=value pairs, e.g. {example}") from None
     return out
 
 
@@ -88,10 +93,12 @@ def pseudo_label(
     age_from_filename: str | None = None,
     batch_size: int = 64,
     workers: int = 2,
-    precision: str = "no",
+    precision: str = "auto",
     timeout_s: int = distributed.DEFAULT_TIMEOUT_S,
     accelerator=None,
     part_confidence: dict[str, float] | None = None,
+    decisions: str = "tuned",
+    allow_unfinished: bool = False,
 ) -> PseudoReport:
     """Label the images of ``images_dir`` with the ensemble; write ``out`` (an extra-data CSV).
 
@@ -99,15 +106,14 @@ def pseudo_label(
     ``min_confidence`` and, for each part in ``part_confidence`` (``mask``, ``gender``,
     ``age``), the probability of the chosen part value (summed over the other parts) is at
     least that part's threshold; the age threshold does not apply to an age read from the
-    file name.
+    file name. The label is the decisions' choice (``tuned``, ``argmax`` or a file, as for
+    ``predict``); with the age from the file name, among the classes of that age group.
     """
     part_confidence = dict(part_confidence or {})
     unknown = set(part_confidence) - set(PART_AXES)
     if unknown or not all(0.0 <= v <= 1.0 for v in part_confidence.values()) or not 0.0 <= min_confidence <= 1.0:
         raise MaskdistError(f"confidence thresholds {dict(part_confidence, all=min_confidence)}: each must be between 0 and 1,"
                             f" for parts {', '.join(PART_AXES)}")
-    if accelerator is None:
-        accelerator = distributed.make_accelerator(precision, timeout_s)
     pattern = None
     if age_from_filename:
         try:
@@ -120,29 +126,35 @@ def pseudo_label(
     images = list_images(Path(images_dir))
     if not images:
         raise MaskdistError(f"{images_dir} holds no .jpg/.jpeg/.png images")
-    ensemble = load_ensemble(sources, "uniform", accelerator.device)
-    tf = transforms.build_transform("none", ensemble.resize, ensemble.crop)
+    ensemble, applied, accelerator, notes = prepare(sources, "uniform", decisions, precision, timeout_s, allow_unfinished, accelerator)
     keys = [str(p) for p in images]
-    loader = folder_loader(keys, keys, tf, batch_size, accelerator.process_index, accelerator.num_processes, workers)
-    rows, failed = ensemble_probs(ensemble, loader, accelerator.device, "none", accelerator.autocast)
-    predicted = by_key(distributed.gather_rows(rows, accelerator))
-    report = PseudoReport(images=len(images), unreadable=sorted(distributed.gather_rows(failed, accelerator)), out=str(out))
+    pin = pin_memory(accelerator.device)
+    votes = vote(ensemble, lambda group: folder_loader(keys, keys, group.transform(), batch_size, accelerator.process_index,
+                                                       accelerator.num_processes, workers, pin),
+                 accelerator.device, "none", accelerator.autocast, accelerator)
+    predicted = {k: mix(ensemble, v[None])[0] for k, v in votes.probs.items()}
+    report = PseudoReport(images=len(images), unreadable=votes.failed, out=str(out), decisions=applied.name, notes=notes)
+    weights = applied.class_weights if applied.class_weights is not None else np.ones(labels.NUM_CLASSES)
 
     records = []
     for path in images:
         if str(path) not in predicted:
             continue
-        probs = predicted[str(path)][0].reshape(3, 2, 3)  # mask x gender x age group
+        flat = predicted[str(path)]
+        probs = flat.reshape(3, 2, 3)  # mask x gender x age group
         age = ""
         match = pattern.search(path.name) if pattern else None
         if match:
             age = int(match.group(1))
-            mask, gender = np.unravel_index(probs.sum(axis=2).argmax(), (3, 2))
-            confidence = float(probs.sum(axis=2).max())
+            # the decision among the classes of the named age group, on P(mask, gender)
+            by_part = probs.sum(axis=2)
+            choice = (by_part * weights.reshape(3, 2, 3)[:, :, labels.age_group(age)]).argmax()
+            mask, gender = np.unravel_index(choice, (3, 2))
+            confidence = float(by_part[mask, gender])
             report.age_from_name += 1
         else:
-            mask, gender, group = np.unravel_index(probs.argmax(), (3, 2, 3))
-            confidence = float(probs.max())
+            mask, gender, group = np.unravel_index(int(decide(flat[None], weights)[0]), (3, 2, 3))
+            confidence = float(probs[mask, gender, group])
             report.age_not_in_name += pattern is not None
         if confidence < min_confidence:
             report.low_confidence += 1

@@ -39,23 +39,12 @@ def score_submission(submission: str | os.PathLike, answers: str | os.PathLike) 
                          _labels_column(merged.rename(columns={"ans_pred": "ans"}), sub_path))
 
 
-def oof_scores(experiment: str | os.PathLike) -> dict:
-    """Macro F1 of each fold's best epoch, and of all out-of-fold predictions together."""
-    from maskdist.infer.predict import find_members
-    from maskdist.train.checkpoint import OOF  # here, not at the top: `maskdist score` needs no torch
+def oof_scores(experiment, allow_unfinished: bool = False) -> dict:
+    """Macro F1 of each fold's best epoch and of all out-of-fold predictions together
+    (:func:`maskdist.infer.oof.oof_scores`)."""
+    from maskdist.infer.oof import oof_scores as scores  # here, not at the top: `maskdist score` needs no torch
 
-    runs = find_members([experiment])
-    frames = []
-    for run in runs:
-        path = run / OOF
-        if not path.is_file():
-            raise MaskdistError(f"{path} not found: fold {run.name} has no out-of-fold predictions; retrain it")
-        frames.append(pd.read_csv(path))
-    everything = pd.concat(frames, ignore_index=True)
-    if everything["key"].duplicated().any():
-        raise MaskdistError(f"{experiment}: a sample appears in two folds' oof.csv: the folds come from different shard sets")
-    per_fold = {int(f["fold"].iloc[0]): metrics.score(f["label_true"], f["pred"]) for f in frames}
-    return {"folds": per_fold, "oof": metrics.score(everything["label_true"], everything["pred"]), "samples": len(everything)}
+    return scores(experiment, allow_unfinished)
 
 
 def describe_scores(scores: metrics.Scores, title: str = "") -> str:
@@ -71,8 +60,9 @@ def describe_scores(scores: metrics.Scores, title: str = "") -> str:
 
 
 def ensemble_and_folds(probs_npz: str | os.PathLike, answers: str | os.PathLike) -> dict:
-    """Macro F1 on the answers of the ensemble and of each fold model alone, from the
-    ``.probs.npz`` that ``predict`` writes beside the submission."""
+    """Macro F1 on the answers of the ensemble (with the decisions its submission used, and
+    by argmax) and of each fold model alone, from the ``.probs.npz`` that ``predict`` writes
+    beside the submission."""
     saved = np.load(probs_npz)
     truth = layout.read_csv(Path(answers), ("ImageID", "ans"), "an answers file").set_index("ImageID")
     missing = set(saved["image_id"]) - set(truth.index)
@@ -80,5 +70,19 @@ def ensemble_and_folds(probs_npz: str | os.PathLike, answers: str | os.PathLike)
         raise MaskdistError(f"{answers} lacks {len(missing)} of the predicted images: pass the answers of this eval set")
     y = truth.loc[list(saved["image_id"]), "ans"].astype(int).to_numpy()
     folds = {int(k): metrics.score(y, saved["fold_probs"][:, i].argmax(axis=1)).macro_f1 for i, k in enumerate(saved["folds"])}
-    return {"ensemble": metrics.score(y, saved["probs"].argmax(axis=1)).macro_f1, "folds": folds,
-            "fold_mean": float(np.mean(list(folds.values())))}
+    weights = saved["class_weights"] if "class_weights" in saved.files else np.ones(labels.NUM_CLASSES)
+    decided = (saved["probs"] * weights[None, :]).argmax(axis=1)
+    return {"ensemble": metrics.score(y, decided).macro_f1, "ensemble_argmax": metrics.score(y, saved["probs"].argmax(axis=1)).macro_f1,
+            "decisions": str(saved["decisions"]) if "decisions" in saved.files else "argmax",
+            "folds": folds, "fold_mean": float(np.mean(list(folds.values())))}
+
+
+def placeholder_warning(answers: str | os.PathLike) -> str:
+    """A warning when an answers file holds one class only (``info.csv`` before prediction
+    holds 0 everywhere): scores against it mean nothing. Empty when it looks real."""
+    path = Path(answers)
+    values = _labels_column(layout.read_csv(path, ("ImageID", "ans"), "an answers file"), path)
+    if len(values) > 1 and len(set(values.tolist())) == 1:
+        return (f"warning: every answer in {path} is class {values[0]}: they look like placeholders (an info.csv before"
+                " prediction), not true labels; pass the real answers")
+    return ""

@@ -1,0 +1,142 @@
+"""The fold models an ensemble is made of: the fold runs of one or more experiments (or run
+folders given one by one), whether each finished its schedule, and the precision each was
+trained with.
+
+An experiment folder holds ``fold<K>`` run folders, one per fold 0..k-1 of the k its models
+were trained with (:func:`experiment_runs` lists them; further kinds of run folder inside an
+experiment would be added there). A fold that did not finish its schedule is refused, naming
+where it stopped, unless the caller allows it; the ensemble then records it.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from maskdist import config as config_mod
+from maskdist.errors import MaskdistError
+from maskdist.train import checkpoint
+from maskdist.train.state import epoch_done, fold_finished, load_trainer_state
+
+FOLD_DIR = re.compile(r"fold(\d+)")
+
+
+@dataclass
+class FoldRun:
+    """One fold model's run folder and its model card."""
+
+    run_dir: Path
+    card: dict
+    experiment: Path  # the experiment folder (a run folder given alone: its parent)
+    stopped: str = ""  # where an unfinished fold stopped; "" when it finished
+
+    @property
+    def fold(self) -> int:
+        return int(self.card["fold"])
+
+    @property
+    def name(self) -> str:
+        return f"{self.experiment.name}/fold{self.fold}"
+
+
+def stop_point(run_dir: Path) -> str:
+    """Where an unfinished fold stopped: ``interrupted at epoch e step s (of E epochs)``,
+    ``interrupted after epoch e ...``, or ``not trained``."""
+    run_dir = Path(run_dir)
+    trainer = load_trainer_state(run_dir)
+    if not (run_dir / checkpoint.MODEL_JSON).is_file():
+        return "not trained"
+    try:
+        epochs = f" (of {config_mod.load(run_dir / checkpoint.CONFIG).epochs} epochs)"
+    except MaskdistError:
+        epochs = ""
+    if trainer is None:
+        return "not finished (no resumable state to say where it stopped)"
+    if epoch_done(trainer):
+        return f"interrupted after epoch {trainer['epoch']}{epochs}"
+    return f"interrupted at epoch {trainer['epoch']} step {trainer['step']}{epochs}"
+
+
+def experiment_runs(root: Path) -> list[Path]:
+    """The fold run folders of an experiment folder, by fold number."""
+    if not root.is_dir():
+        raise MaskdistError(f"{root} not found: pass the experiment folder that holds fold0, fold1, ...")
+    runs = sorted((p for p in root.iterdir() if p.is_dir() and FOLD_DIR.fullmatch(p.name)), key=lambda p: int(p.name[4:]))
+    if not runs:
+        raise MaskdistError(f"{root} holds no fold<K> folders: train the folds first (maskdist kfold / maskdist train)")
+    return runs
+
+
+def _experiment(root: Path) -> list[FoldRun]:
+    runs, not_trained = [], []
+    for run in experiment_runs(root):
+        if not (run / checkpoint.MODEL_JSON).is_file() or not (run / checkpoint.WEIGHTS).is_file():
+            not_trained.append(f"fold {run.name[4:]}: not trained")
+            continue
+        runs.append(FoldRun(run, checkpoint.read_card(run), root))
+    if not_trained:
+        raise MaskdistError(f"{root}: {'; '.join(not_trained)}: train or resume them (maskdist kfold / maskdist train --resume)")
+    k = {len(r.card.get("train_folds", [])) + 1 for r in runs}
+    if len(k) != 1:
+        raise MaskdistError(f"{root}: the fold models were trained with different fold counts {sorted(k)}: retrain them on one shard set")
+    expected = set(range(k.pop()))
+    found = {r.fold for r in runs}
+    if found != expected:
+        missing = sorted(expected - found)
+        raise MaskdistError(f"{root}: fold(s) {', '.join(map(str, missing))} missing of {len(expected)}: train them,"
+                            " or pass the run folders to use one by one")
+    return runs
+
+
+def find_members(sources: Sequence[str | os.PathLike], allow_unfinished: bool = False) -> list[FoldRun]:
+    """The fold runs of ``sources``: each an experiment folder (every ``fold<K>`` in it) or
+    one run folder (``model.json`` in it). Unfinished folds are refused in one line naming
+    where each stopped, unless ``allow_unfinished`` (then ``FoldRun.stopped`` says it)."""
+    if not sources:
+        raise MaskdistError("pass an experiment folder (or fold run folders)")
+    runs: list[FoldRun] = []
+    for source in map(Path, sources):
+        if (source / checkpoint.MODEL_JSON).exists():
+            runs.append(FoldRun(source, checkpoint.read_card(source), source.resolve().parent))
+            if not (source / checkpoint.WEIGHTS).is_file():
+                raise MaskdistError(f"{source / checkpoint.WEIGHTS} not found: fold {runs[-1].fold} did not finish training; resume it")
+        else:
+            runs.extend(_experiment(source))
+    seen: dict[Path, Path] = {}
+    for run in runs:
+        key = run.run_dir.resolve()
+        if key in seen:
+            raise MaskdistError(f"{run.run_dir} is given twice (also as {seen[key]}): pass each fold run once")
+        seen[key] = run.run_dir
+    unfinished = []
+    for run in runs:
+        if not fold_finished(run.run_dir):
+            run.stopped = stop_point(run.run_dir)
+            unfinished.append(f"{run.run_dir} (fold {run.fold}): {run.stopped}")
+    if unfinished and not allow_unfinished:
+        raise MaskdistError(f"unfinished fold(s): {'; '.join(unfinished)}: resume them (maskdist kfold, or train --resume),"
+                            " or pass --allow-unfinished to use them as they are")
+    return runs
+
+
+def unfinished(runs: Sequence[FoldRun]) -> list[str]:
+    """``name: where it stopped`` of each unfinished run (what the outputs record)."""
+    return [f"{r.name}: {r.stopped}" for r in runs if r.stopped]
+
+
+def trained_precision(runs: Sequence[FoldRun]) -> tuple[str, str]:
+    """The mixed precision the folds were trained with (their ``config.yaml``), and a note
+    when they disagree (then ``no``: full precision)."""
+    found: dict[str, list[str]] = {}
+    for run in runs:
+        try:
+            precision = config_mod.load(run.run_dir / checkpoint.CONFIG).precision
+        except MaskdistError:  # a run folder without its configuration: full precision
+            precision = "no"
+        found.setdefault(precision, []).append(run.name)
+    if len(found) == 1:
+        return next(iter(found)), ""
+    listed = "; ".join(f"{p}: {', '.join(names)}" for p, names in sorted(found.items()))
+    return "no", f"the folds were trained with different precisions ({listed}): predicting in full precision; pass --precision to choose"
