@@ -213,11 +213,11 @@ def _answers(csv) -> list[int]:
 
 
 def test_tuned_decisions_are_applied_by_default_and_argmax_restores_the_plain_answers(experiment, small_shards, tmp_path):
+    from maskdist.infer import oof, predict as predict_api
     from maskdist.infer.decisions import FILE, decide
 
     plain = tmp_path / "plain.csv"
-    assert _maskdist(tmp_path, "predict", experiment, "--shards", small_shards, "--out", plain, "--workers", "0",
-                     "--batch-size", "8").returncode == 0
+    predict_api.predict([experiment], plain, shards=str(small_shards), workers=0, batch_size=8)
     tuned_exp = tmp_path / "tuned"
     shutil.copytree(experiment, tuned_exp)
     # --force: three training steps per fold give weights whose nested gain may well be negative
@@ -237,10 +237,19 @@ def test_tuned_decisions_are_applied_by_default_and_argmax_restores_the_plain_an
     assert _answers(tmp_path / "d.csv") == decide(saved["probs"], weights).tolist()
     assert _answers(tmp_path / "d.csv") != _answers(plain)  # the decisions change the submission
     assert json.loads((tmp_path / "d.predict.json").read_text())["decisions"] == str(tuned_exp / FILE)
-    argmax = _maskdist(tmp_path, "predict", tuned_exp, "--shards", small_shards, "--out", tmp_path / "a.csv", "--workers", "0",
-                       "--batch-size", "8", "--decisions", "argmax")
-    assert argmax.returncode == 0 and (tmp_path / "a.csv").read_bytes() == plain.read_bytes()
+    predict_api.predict([tuned_exp], tmp_path / "a.csv", shards=str(small_shards), workers=0, batch_size=8, decisions="argmax")
+    assert (tmp_path / "a.csv").read_bytes() == plain.read_bytes()
     assert str(np.load(probs_path(tmp_path / "a.csv"))["decisions"]) == "argmax"
+
+    # two experiments (here the same models under another name) tune their weights together,
+    # into a file of their own that predict finds for exactly that pair
+    twin = tmp_path / "twin"
+    shutil.copytree(experiment, twin)
+    pair_record = oof.tune_decisions([tuned_exp, twin], force=True)
+    assert pair_record["path"] == str(tuned_exp / "decisions-with-twin.json") and len(pair_record["experiment_weights"]) == 2
+    predict_api.predict([tuned_exp, twin], tmp_path / "b.csv", shards=str(small_shards), workers=0)
+    used = json.loads((tmp_path / "b.predict.json").read_text())
+    assert used["decisions"] == pair_record["path"] and used["experiment_weights"] == pytest.approx(pair_record["experiment_weights"])
 
 
 def test_mixed_models_each_see_their_own_input_and_vote_as_the_mean_of_their_own_predictions(experiment, small_shards, tmp_path):

@@ -18,6 +18,7 @@ import torch
 
 from maskdist.data import transforms
 from maskdist.infer.ensemble import load_ensemble, pin_memory, vote
+from maskdist.infer.members import find_members
 from maskdist.infer.predict import ShardEval, resolve_precision
 from maskdist.model import heads
 from maskdist.system import distributed
@@ -54,10 +55,10 @@ def bench_predict(runs: Sequence[str | Path], shards: str, info_csv: str | Path 
                   workers: int = 2, tta: str = "none", precision: str = "auto", rounds: int = 2,
                   allow_unfinished: bool = False) -> PredictBench:
     """Run the benchmark (see the module docstring); rounds alternate the two loops."""
-    precision, _note = resolve_precision(precision, runs, allow_unfinished)
-    accelerator = distributed.make_accelerator(precision)
+    members = find_members(runs, allow_unfinished)
+    accelerator = distributed.make_accelerator(resolve_precision(precision, members)[0])
     device = accelerator.device
-    ensemble = load_ensemble(runs, "uniform", device, allow_unfinished)
+    ensemble = load_ensemble(members, "uniform", device)
     eval_set = ShardEval(shards, info_csv)
     channels_last = device.type == "cuda"
     pin = pin_memory(device)

@@ -98,13 +98,13 @@ def _within_experiment(runs: Sequence[FoldRun], weighting: str) -> np.ndarray:
     return np.full(len(runs), 1 / len(runs))
 
 
-def load_ensemble(sources: Sequence[str | os.PathLike], weighting: str = "uniform", device: torch.device | str = "cpu",
+def load_ensemble(sources: Sequence[str | os.PathLike | FoldRun], weighting: str = "uniform", device: torch.device | str = "cpu",
                   allow_unfinished: bool = False, experiment_weights: Sequence[float] | None = None) -> Ensemble:
-    """Load the fold models of ``sources`` (see :func:`maskdist.infer.members.find_members`);
-    refuse models that disagree on classes or the metric's age cut."""
+    """Load the fold models of ``sources`` (folders, see :func:`maskdist.infer.members.find_members`,
+    or the runs it found); refuse models that disagree on classes or the metric's age cut."""
     if weighting not in WEIGHTINGS:
         raise MaskdistError(f"unknown ensemble weighting {weighting!r}: choose {' or '.join(WEIGHTINGS)}")
-    runs = find_members(sources, allow_unfinished)
+    runs = list(sources) if sources and all(isinstance(s, FoldRun) for s in sources) else find_members(sources, allow_unfinished)
     device = torch.device(device)
     members = []
     for run in runs:

@@ -23,7 +23,7 @@ from maskdist.data import layout
 from maskdist.errors import MaskdistError
 from maskdist.infer import decisions as decisions_mod
 from maskdist.infer.ensemble import Ensemble, InputGroup, folder_loader, load_ensemble, mix, pin_memory, vote
-from maskdist.infer.members import find_members, trained_precision, unfinished
+from maskdist.infer.members import FoldRun, find_members, trained_precision, unfinished
 from maskdist.shards.format import eval_key
 from maskdist.shards.manifest import open_shard_set
 from maskdist.system import distributed
@@ -95,14 +95,15 @@ def write_submission(info: pd.DataFrame, answers: Sequence[int], out: Path) -> N
         filled.to_csv(tmp, index=False)
 
 
-def resolve_precision(precision: str, sources: Sequence[str | os.PathLike], allow_unfinished: bool = False) -> tuple[str, str]:
+def resolve_precision(precision: str, sources: Sequence[str | os.PathLike | FoldRun], allow_unfinished: bool = False) -> tuple[str, str]:
     """``auto``: the precision the folds were trained with (and a note when they disagree);
-    any other value as given."""
+    any other value as given. ``sources``: folders, or the runs :func:`find_members` found."""
     if precision not in PRECISIONS:
         raise MaskdistError(f"unknown precision {precision!r}: choose {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision, ""
-    return trained_precision(find_members(sources, allow_unfinished))
+    runs = list(sources) if all(isinstance(s, FoldRun) for s in sources) else find_members(sources, allow_unfinished)
+    return trained_precision(runs)
 
 
 def prepare(sources, weighting: str, decisions: str, precision: str, timeout_s: int, allow_unfinished: bool,
@@ -110,15 +111,15 @@ def prepare(sources, weighting: str, decisions: str, precision: str, timeout_s: 
     """The accelerator (in the resolved precision), the ensemble (weighted by the decisions'
     experiment weights when they have them) and the decisions; notes for the user."""
     notes = []
+    runs = find_members(sources, allow_unfinished)
     if accelerator is None:
-        precision, note = resolve_precision(precision, sources, allow_unfinished)
+        precision, note = resolve_precision(precision, runs)
         notes += [note] if note else []
         accelerator = distributed.make_accelerator(precision, timeout_s)
-    runs = find_members(sources, allow_unfinished)
     experiments = list(dict.fromkeys(r.experiment for r in runs))
     applied = decisions_mod.resolve(decisions, runs, experiments)
     notes += [applied.note] if applied.note else []
-    ensemble = load_ensemble(sources, weighting, accelerator.device, allow_unfinished, applied.experiment_weights)
+    ensemble = load_ensemble(runs, weighting, accelerator.device, allow_unfinished, applied.experiment_weights)
     stopped = unfinished([m.run for m in ensemble.members])
     if stopped:
         notes.append(f"voting with unfinished fold(s): {'; '.join(stopped)}")
