@@ -1,4 +1,5 @@
-"""Using trained folds: the ensemble over eval shards or photos and the submission
-(``predict``), pseudo-labels for outside images (``pseudo``), and the scores of a
-submission or of the out-of-fold predictions (``scoring``).
+"""Using trained folds: which fold runs vote (``members``), the ensemble of possibly
+different models (``ensemble``), the submission (``predict``), pseudo-labels for outside
+images (``pseudo``), scores (``scoring``), the out-of-fold predictions (``oof``) and the
+decisions tuned on them (``decisions``), and the label audit (``audit``, ``contact_sheet``).
 """
