@@ -176,3 +176,21 @@ def test_score_warns_when_the_answers_look_like_placeholders(small_synth, tmp_pa
     real = subprocess.run([sys.executable, "-m", "maskdist", "score", str(info), str(small_synth / "eval_answers.csv")],
                           env=launch_env(tmp_path), capture_output=True, text=True, timeout=60)
     assert "placeholders" not in real.stderr
+
+
+def test_stale_decisions_are_passed_over_by_default_and_refused_when_named(tmp_path):
+    from maskdist.infer.members import FoldRun
+
+    def runs(epoch):
+        return [FoldRun(tmp_path / f"fold{k}", {"fold": k, "epoch": epoch, "metrics": {"macro_f1": 0.5}}, tmp_path) for k in range(2)]
+
+    tuned = decisions.Tuned(np.ones(1), np.linspace(0.5, 2.0, labels.NUM_CLASSES))
+    path = decisions.default_path([tmp_path])
+    path.write_text(json.dumps(decisions.record(path, runs(3), [tmp_path], tuned, {}, {}, [])))
+    fresh = decisions.resolve("tuned", runs(3), [tmp_path])
+    assert fresh.name == str(path) and np.allclose(fresh.class_weights, tuned.class_weights)
+    stale = decisions.resolve("tuned", runs(4), [tmp_path])  # a fold retrained since
+    assert stale.name == "argmax" and stale.class_weights is None and "re-run maskdist oof" in stale.note
+    with pytest.raises(MaskdistError, match="tuned on other fold models"):
+        decisions.resolve(str(path), runs(4), [tmp_path])
+    assert decisions.resolve("argmax", runs(3), [tmp_path]).class_weights is None

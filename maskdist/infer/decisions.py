@@ -209,9 +209,9 @@ def read(path: Path) -> dict:
 def resolve(choice: str, runs, experiments: Sequence[Path]) -> Applied:
     """The decisions for ``choice`` (``tuned``, ``argmax`` or a file) and these fold runs.
 
-    ``tuned`` uses :func:`default_path` when it exists, else the argmax. A file tuned on other
-    fold models (a fold retrained since) is refused; one tuned for other experiments is
-    refused when named, and passed over with a note when found by default."""
+    ``tuned`` uses :func:`default_path` when it exists, else the argmax. A file tuned for
+    other experiments or on other fold models (a fold retrained since) is refused when named,
+    and passed over with a note (the argmax decides) when found by default."""
     if choice == "argmax":
         return Applied("argmax")
     path = default_path(experiments) if choice == "tuned" else Path(choice)
@@ -230,8 +230,10 @@ def resolve(choice: str, runs, experiments: Sequence[Path]) -> Applied:
     have = sorted((m["experiment"], m["fold"], m["epoch"]) for m in (_member(r, base) for r in runs))
     tuned_on = sorted((m["experiment"], m["fold"], m["epoch"]) for m in data["members"])
     if have != tuned_on:
-        raise MaskdistError(f"{path} was tuned on other fold models than these (retrained, or a different set of folds):"
-                            " re-run maskdist oof RUNS --tune, or pass --decisions argmax")
+        why = f"{path} was tuned on other fold models than these (retrained, or a different set of folds)"
+        if choice == "tuned":  # stale: not "present" (a kfold that retrained folds still predicts)
+            return Applied("argmax", note=f"{why}: deciding by argmax; re-run maskdist oof RUNS --tune")
+        raise MaskdistError(f"{why}: re-run maskdist oof RUNS --tune, or pass --decisions argmax")
     order = [data["experiments"].index(os.path.relpath(Path(e).resolve(), base.resolve())) for e in experiments]
     return Applied(str(path), np.asarray(data["class_weights"], dtype=np.float64),
                    np.asarray(data["experiment_weights"], dtype=np.float64)[order])
