@@ -20,13 +20,14 @@ from maskdist.cli.base import Group, main
 @click.option("--workers", type=int, default=1, show_default=True, help="Processes writing images.")
 @click.option("--external", type=int, default=0, show_default=True, help="Also write N outside-style images (age in the file name, no labels).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing dataset at OUT.")
-def synth(out, people, scale, eval_people, seed, workers, external, overwrite):
+@click.option("--quiet", is_flag=True, help="No progress bar (there is none either when the output is not a terminal).")
+def synth(out, people, scale, eval_people, seed, workers, external, overwrite, quiet):
     """Write a synthetic dataset in the competition layout to OUT."""
     from maskdist.data import synth as synth_api
 
     summary = synth_api.write_dataset(
         out, people=people, scale=scale, eval_people=eval_people, seed=seed, workers=workers,
-        external=external, overwrite=overwrite, progress=True,
+        external=external, overwrite=overwrite, progress=not quiet,
     )
     click.echo(summary.describe())
 
@@ -42,17 +43,26 @@ def synth(out, people, scale, eval_people, seed, workers, external, overwrite):
 @click.option("--folds", "k", type=int, default=5, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--age-cut", type=int, default=58, show_default=True, help="Old-age cut of the training labels.")
-def layout(train_dir, eval_dir, fixes, extra, k, seed, age_cut):
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the whole report (every problem, the fold counts) to this JSON file.")
+def layout(train_dir, eval_dir, fixes, extra, k, seed, age_cut, json_path):
     """Read a competition-style folder and print what was read, skipped and fixed, and the folds."""
     from maskdist.data import folds as folds_api, layout as layout_api
+    from maskdist.system.fileio import atomic_write_json
 
     table, report = layout_api.read_train(train_dir, fixes=fixes, extra=extra)
     click.echo(report.describe())
     table = folds_api.assign_folds(table, k=k, seed=seed)
     click.echo(folds_api.describe(table, age_cut=age_cut))
+    eval_report = None
     if eval_dir is not None:
-        eval_table, eval_report = layout_api.read_eval(eval_dir)
+        _eval_table, eval_report = layout_api.read_eval(eval_dir)
         click.echo(eval_report.describe())
+    if json_path is not None:
+        folds = {str(f): int(n) for f, n in table.groupby("fold").size().items()}
+        atomic_write_json(json_path, {"train": report.to_dict(), "eval": eval_report.to_dict() if eval_report else None,
+                                      "images_per_fold": folds})
+        click.echo(f"report: {json_path}")
 
 
 # --- shards (maskdist.shards) -------------------------------------------------------------

@@ -46,6 +46,7 @@ from maskdist.shards.format import (
 from maskdist.shards.report import BuildReport, human_bytes  # noqa: F401 (BuildReport is part of this module's API)
 from maskdist.shards.tario import ShardTarWriter
 from maskdist.system import parallel
+from maskdist.system.fileio import disk_full, is_disk_full
 
 # 288x288``, or ``--image-size 256`` for the shorter side with the aspect kept).
 DEFAULT_IMAGE_SIZE = "224x224"
@@ -321,7 +322,8 @@ def build_shards(
         from tqdm import tqdm
 
         tasks = [(r["path"], size, int(quality)) for r in rows + eval_rows]
-        bar = tqdm(total=len(tasks), unit="img", desc=f"shards {out.name}", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(total=len(tasks), unit="img", desc=f"shards {out.name}", disable=None if progress else True,  # only on a terminal
+                   dynamic_ncols=True)
         results = _encoded(tasks, int(workers))
         with bar, contextlib.closing(results):
             for index, (ok, value, info) in enumerate(results):
@@ -364,10 +366,12 @@ def build_shards(
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
-    except BaseException:
-        # Ctrl-C, kill (SIGTERM is turned into SystemExit by the CLI) or a bug: no partial set.
+    except BaseException as err:
+        # Ctrl-C, kill (SIGTERM is turned into SystemExit by the CLI), a full disk or a bug: no partial set.
         writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, Exception) and not isinstance(err, MaskdistError) and is_disk_full(err):
+            raise disk_full(out, what="no shard set was written (the partial one is removed)") from None
         raise
     return report
 

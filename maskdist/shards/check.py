@@ -153,7 +153,7 @@ def verify_shards(path_or_url: str | os.PathLike, quick: bool = False, progress:
     state = {"last_row": -1, "keys": set()}
     from tqdm import tqdm
 
-    for entry in tqdm(m["shards"], unit="shard", desc="verify", disable=not progress):
+    for entry in tqdm(m["shards"], unit="shard", desc="verify", disable=None if progress else True):
         result.shards += 1
         _verify_one(shard_set, entry, quick, result, person_folds, state)
     for person, fold_set in sorted(person_folds.items()):
