@@ -16,6 +16,8 @@ import yaml
 
 from maskdist.errors import MaskdistError
 
+FULL_DATA = "all"  # --fold all: the full-data model, trained on every fold, in OUT/all
+
 # Prediction choices, shared by `predict`, `kfold` and `pseudo-label`.
 TTAS = ("none", "hflip")  # test-time augmentation: the image, or it and its mirror
 WEIGHTINGS = ("uniform", "f1")  # fold models weighted equally, or by their validation macro F1
@@ -36,7 +38,8 @@ def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, group:
 class TrainConfig:
     # data
     shards: str = _opt("", "Shard set: folder, http(s) URL or pipe: template.", group="data", run_only=True)
-    fold: int = _opt(0, "Validation fold; the model trains on every other fold (plus extra samples).", group="data", run_only=True)
+    fold: str = _opt("0", "Validation fold; the model trains on every other fold (plus extra samples). all: every fold, no"
+                          " validation (the full-data model, in OUT/all).", group="data", run_only=True)
     out: str = _opt("runs/exp", "Experiment folder; the fold's run goes to OUT/fold<K>.", group="run", run_only=True)
     alpha: float = _opt(0.0, "Class mixing: probability ~ n_c**alpha (0 balanced, 1 natural).", group="data")
     shuffle_buffer: int = _opt(1000, "Shuffle buffer per worker (samples).", group="data")
@@ -73,6 +76,8 @@ class TrainConfig:
     cutmix: float = _opt(0.0, "CutMix alpha (timm's Mixup); 0: off. With both on, each batch is one or the other.", group="loss")
     # optimisation
     epochs: int = _opt(10, "Epochs; an epoch is ceil(training samples / global batch) steps.", group="optimisation")
+    epochs_from: str = _opt("", "With --fold all: take --epochs from a finished k-fold experiment, the median of its folds'"
+                                " best epochs.", group="optimisation", run_only=True)
     batch_size: int = _opt(64, "Batch per process.", group="optimisation")
     optimizer: str = _opt("sgd", "Optimiser (SGD uses momentum and Nesterov).", ("sgd", "adamw"), group="optimisation")
     lr: float = _opt(0.05, "Learning rate at the reference global batch (--base-batch); scaled linearly.", group="optimisation")
@@ -108,8 +113,21 @@ class TrainConfig:
                                    " requeued job whose previous incarnation is still saving); 0: refuse at once.",
                               group="run", run_only=True)
 
+    def __post_init__(self):
+        self.fold = str(self.fold).strip()  # a number, or "all" (YAML and old configs hold ints)
+
+    @property
+    def full_data(self) -> bool:
+        """Every fold trains, none validates (``--fold all``)."""
+        return self.fold == FULL_DATA
+
+    @property
+    def fold_number(self) -> int:
+        """The validation fold as a number (not for the full-data model)."""
+        return int(self.fold)
+
     def run_dir(self) -> Path:
-        return Path(self.out) / f"fold{self.fold}"
+        return Path(self.out) / (FULL_DATA if self.full_data else f"fold{self.fold}")
 
     def validation_workers(self) -> int:
         return min(self.workers, 4) if self.val_workers < 0 else self.val_workers
@@ -139,6 +157,10 @@ class TrainConfig:
                                 f" --drop-path {self.drop_path} in [0, 1)")
         if self.crop > self.resize:
             raise MaskdistError(f"--crop {self.crop} is larger than --resize {self.resize}")
+        if not (self.fold.isdigit() or self.full_data):
+            raise MaskdistError(f"--fold {self.fold!r}: expected a fold number, or {FULL_DATA} for the full-data model")
+        if self.epochs_from and not self.full_data:
+            raise MaskdistError("--epochs-from goes with --fold all: the folds of an experiment choose the full-data model's epochs")
         if not self.shards:
             raise MaskdistError("--shards is required: the shard set to train from (see `maskdist shards build`)")
 
@@ -157,10 +179,10 @@ def training_settings(values: TrainConfig | dict) -> dict:
     return {name: values.get(name, defaults[name]) for name in defaults if name not in skip}
 
 
-def differences(before: TrainConfig | dict, now: TrainConfig | dict) -> list[str]:
-    """The training settings that differ, as ``--name before -> now``."""
+def differences(before: TrainConfig | dict, now: TrainConfig | dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The training settings that differ (but those in ``ignore``), as ``--name before -> now``."""
     a, b = training_settings(before), training_settings(now)
-    return [f"--{_flag(name)} {a[name]!r} -> {b[name]!r}" for name in a if a[name] != b[name]]
+    return [f"--{_flag(name)} {a[name]!r} -> {b[name]!r}" for name in a if a[name] != b[name] and name not in ignore]
 
 
 def _flag(name: str) -> str:

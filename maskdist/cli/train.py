@@ -108,9 +108,10 @@ def train(config_file, print_config, **overrides):
 @click.option("--weights", "weighting", type=click.Choice(["uniform", "f1"]), default="uniform", show_default=True)
 @click.option("--answers", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Score the submission against these answers.")
 @click.option("--dry-run", is_flag=True, help="Print each fold's launch (command and environment) and exit.")
+@click.option("--full", is_flag=True, help="After the folds, train the full-data model (OUT/all) for their median best epoch.")
 @click.pass_context
 def kfold(ctx, shards, out, config_file, processes, cpu, parallel_folds, gpus, fold_list, accelerate_config, submission, tta, weighting,
-          answers, dry_run):
+          answers, dry_run, full):
     """Train every fold, then predict with the ensemble. Extra options are `maskdist train`'s."""
     from maskdist import config as config_mod
     from maskdist.infer import scoring
@@ -124,7 +125,7 @@ def kfold(ctx, shards, out, config_file, processes, cpu, parallel_folds, gpus, f
     plan = kfold_api.KFoldPlan(
         shards=shards, out=out, train=train_config, processes=processes, cpu=cpu, parallel_folds=parallel_folds,
         gpus=[g for g in gpus.split(",") if g], folds=[int(f) for f in fold_list.split(",") if f] or None,
-        tta=tta, weighting=weighting, accelerate_config=accelerate_config, submission=submission,
+        tta=tta, weighting=weighting, accelerate_config=accelerate_config, submission=submission, full=full,
     )
     if dry_run:
         kfold_api.describe_launches(plan, echo=click.echo)

@@ -144,13 +144,15 @@ class FoldFolder:
         return dict(message=message)
 
     def _check_plan(self) -> None:
+        """The fold must train as the experiment's plan says; the full-data model too, but for
+        its number of epochs (cross-validation chooses it). The plan comes from the folds."""
         cfg, path = self.cfg, self.experiment / PLAN
         if path.is_file() and not cfg.replan:
-            changed = config_mod.differences(read_config(path), cfg)
+            changed = config_mod.differences(read_config(path), cfg, ignore=("epochs",) if cfg.full_data else ())
             if changed:
                 raise MaskdistError(f"fold {cfg.fold} would train otherwise than the experiment's plan {path}: {'; '.join(changed)};"
                                     " use the plan's settings, or pass --replan to make these the plan")
-        elif not path.is_file() or cfg.replan:
+        elif not cfg.full_data and (not path.is_file() or cfg.replan):
             write_plan(self.experiment, cfg)
 
     def _clear(self) -> None:

@@ -48,6 +48,7 @@ class KFoldPlan:
     accelerate_config: str | None = None
     submission: Path | None = None
     env: dict = field(default_factory=dict)
+    full: bool = False  # also the full-data model (OUT/all), after the folds
 
     def __post_init__(self):
         if self.tta not in TTAS or self.weighting not in WEIGHTINGS:
@@ -56,15 +57,18 @@ class KFoldPlan:
     def base_config(self) -> config_mod.TrainConfig:
         return self.train or config_mod.load(None, {"shards": self.shards})
 
-    def fold_config(self, fold: int) -> config_mod.TrainConfig:
+    def fold_config(self, fold: int | str) -> config_mod.TrainConfig:
         """The configuration fold ``fold`` trains with: the plan's, resumed where a state is
-        saved; with ``replan``, a fold trained otherwise than the new plan starts again."""
-        run_dir = Path(self.out) / f"fold{fold}"
+        saved; with ``replan``, a fold trained otherwise than the new plan starts again. The
+        full-data model (``"all"``) takes its epochs from the folds."""
         base = self.base_config()
+        full = str(fold) == config_mod.FULL_DATA
+        cfg = dataclasses.replace(base, shards=self.shards, out=str(self.out), fold=str(fold), replan=False,
+                                  epochs_from=str(self.out) if full else "")
+        run_dir = cfg.run_dir()
         overwrite = base.replan and (run_dir / CONFIG).is_file() and bool(
-            config_mod.differences(read_config(run_dir / CONFIG), base))
-        return dataclasses.replace(base, shards=self.shards, out=str(self.out), fold=int(fold), replan=False,
-                                   resume=has_state(run_dir) and not overwrite, overwrite=overwrite)
+            config_mod.differences(read_config(run_dir / CONFIG), base, ignore=("epochs",) if full else ()))
+        return dataclasses.replace(cfg, resume=has_state(run_dir) and not overwrite, overwrite=overwrite)
 
 
 def free_port() -> int:
@@ -153,8 +157,26 @@ def write_fold_plan(plan: KFoldPlan, fold: int) -> Path:
     return path
 
 
-def fold_plan_path(plan: KFoldPlan, fold: int) -> Path:
-    return Path(plan.out) / PLANS / f"fold{fold}.yaml"
+def fold_plan_path(plan: KFoldPlan, fold: int | str) -> Path:
+    name = config_mod.FULL_DATA if str(fold) == config_mod.FULL_DATA else f"fold{fold}"
+    return Path(plan.out) / PLANS / f"{name}.yaml"
+
+
+def train_full(plan: KFoldPlan, echo: Callable[[str], None], lock: FolderLock) -> None:
+    """Train the full-data model (``OUT/all``) for the median best epoch of the folds just
+    trained; a finished one that matches the plan is reused."""
+    cfg = plan.fold_config(config_mod.FULL_DATA)
+    if fold_finished(cfg.run_dir()) and not cfg.overwrite:
+        echo(f"full-data model: finished earlier, reusing {cfg.run_dir()}")
+        return
+    path = fold_plan_path(plan, config_mod.FULL_DATA)
+    config_mod.save(cfg, path)
+    echo(f"full-data model: training on every fold, {plan.processes} process(es)")
+    result = subprocess.run(launch_command(plan, plan.processes, ["train", "--config", str(path)]),
+                            env=child_env(launch_env(plan, device_slots(plan)[0]), lock), preexec_fn=parallel.die_with_parent())
+    if result.returncode != 0:
+        raise MaskdistError(f"the full-data model failed (exit {result.returncode}): see the output above; re-run the same"
+                            " command to resume")
 
 
 def check_plan(plan: KFoldPlan) -> None:
@@ -274,6 +296,8 @@ def _train_then_predict(plan: KFoldPlan, echo: Callable[[str], None], lock: Fold
         echo(f"fold(s) {', '.join(map(str, left))} of {plan.out} are still to train: the ensemble predicts once every fold"
              " is finished (train them with --folds, here or on other machines, then run kfold again)")
         return None
+    if plan.full:
+        train_full(plan, echo, lock)
     submission = plan.submission or Path(plan.out) / "submission.csv"
     args = ["predict", str(plan.out), "--shards", plan.shards, "--out", str(submission), "--tta", plan.tta, "--weights", plan.weighting]
     if plan.train is not None:  # predict as the folds trained: their precision, batch size and workers

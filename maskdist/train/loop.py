@@ -36,6 +36,7 @@ from maskdist.train.checkpoint import TENSORBOARD, TRAINER_STATE
 from maskdist.train.epoch import train_epoch
 from maskdist.train.epoch_end import data_summary, finish_epoch
 from maskdist.train.folder import FoldFolder
+from maskdist.train.full import finish_full_epoch, resolve_epochs
 from maskdist.train.meters import EpochTally
 from maskdist.train.preemption import Preempted, Preemption
 from maskdist.train.run import make_accelerator, open_batch_log, setup
@@ -100,15 +101,19 @@ def _is_collective_failure(err: BaseException) -> bool:
 
 
 def _train(cfg: config_mod.TrainConfig) -> dict:
+    cfg, epochs_source = resolve_epochs(cfg)  # --epochs-from: the folds' choice
     run_dir = cfg.run_dir()
     accelerator = make_accelerator(cfg, log_dir=run_dir)
+    if epochs_source and accelerator.is_main_process:
+        accelerator.print(f"full-data model: {cfg.epochs} epochs, the median best epoch of {cfg.epochs_from}'s folds"
+                          f" ({', '.join(f'{k} {v}' for k, v in epochs_source['best_epochs'].items())})")
     with FoldFolder(cfg, accelerator).held() as folder:
         start = folder.start()
         if start.message and accelerator.is_main_process:
             accelerator.print(start.message)
         if start.nothing_to_do:
             return start.best or {}
-        return _train_in(cfg, accelerator, start)
+        return _train_in(cfg, accelerator, start, epochs_source)
 
 
 def _resume_point(run, trainer: dict) -> tuple[int, int, EpochTally]:
@@ -129,7 +134,7 @@ def _resume_point(run, trainer: dict) -> tuple[int, int, EpochTally]:
     return trainer["epoch"], 0, EpochTally()
 
 
-def _train_in(cfg: config_mod.TrainConfig, accelerator, start) -> dict:
+def _train_in(cfg: config_mod.TrainConfig, accelerator, start, epochs_source: dict | None = None) -> dict:
     run_dir = cfg.run_dir()
     run = setup(cfg, accelerator=accelerator)
     main = run.main
@@ -197,7 +202,10 @@ def _train_in(cfg: config_mod.TrainConfig, accelerator, start) -> dict:
             if first == 0:
                 tally = EpochTally()
             train_epoch(run, epoch, tally, first, preemption, save_mid_epoch)
-            best = finish_epoch(run, epoch, tally, best, skipped_history)
+            if cfg.full_data:
+                best = finish_full_epoch(run, epoch, tally, skipped_history, epochs_source)
+            else:
+                best = finish_epoch(run, epoch, tally, best, skipped_history)
             tally = EpochTally()
             save(epoch, steps, True)
             decision = preemption.at_epoch_end()
@@ -212,8 +220,13 @@ def _train_in(cfg: config_mod.TrainConfig, accelerator, start) -> dict:
         checkpoint.update_card(run_dir, {"data": data_summary(skipped_history), "finished": True})
         # hparams beside the metrics they produced, in the run's own folder (accelerate's
         # init_trackers(config=...) writes them to a separate run without metrics).
-        run.writer.add_hparams(monitor.hparams(cfg.to_dict()), {"hparams/best_macro_f1": best["macro_f1"],
-                                                                "hparams/best_epoch": best["epoch"]}, run_name=".")
-        accelerator.print(f"fold {cfg.fold}: best macro F1 {best['macro_f1']:.4f} at epoch {best['epoch']}; run folder {run_dir}")
+        if cfg.full_data:
+            run.writer.add_hparams(monitor.hparams(cfg.to_dict()), {"hparams/epochs": cfg.epochs}, run_name=".")
+            accelerator.print(f"full-data model: {cfg.epochs} epochs on every fold, {best['weights']} weights of the last;"
+                              f" run folder {run_dir}")
+        else:
+            run.writer.add_hparams(monitor.hparams(cfg.to_dict()), {"hparams/best_macro_f1": best["macro_f1"],
+                                                                    "hparams/best_epoch": best["epoch"]}, run_name=".")
+            accelerator.print(f"fold {cfg.fold}: best macro F1 {best['macro_f1']:.4f} at epoch {best['epoch']}; run folder {run_dir}")
     accelerator.end_training()
     return best

@@ -43,7 +43,7 @@ class Run:
     schedule: WarmRestarts
     base_lr: float
     train_data: streams.StreamLoader
-    val_loader: streams.StreamLoader
+    val_loader: streams.StreamLoader | None  # None for the full-data model (--fold all): nothing is held out
     mean: tuple
     std: tuple
     channels_last: bool
@@ -74,7 +74,8 @@ class Run:
         if self.batch_log is not None:
             self.batch_log.close()
         self.train_data.close()
-        self.val_loader.close()
+        if self.val_loader is not None:
+            self.val_loader.close()
 
 
 def make_train_loader(cfg: config_mod.TrainConfig, shard_set, train_folds: list[int], accelerator: Accelerator,
@@ -103,7 +104,7 @@ def setup(cfg: config_mod.TrainConfig, log_dir: Path | None = None, accelerator:
     accelerator = accelerator or make_accelerator(cfg, log_dir)
     rank, world = accelerator.process_index, accelerator.num_processes
     shard_set = open_shard_set(cfg.shards, RetryPolicy(cfg.read_tries, cfg.read_backoff_s))
-    train_folds = streams.folds_except(shard_set, cfg.fold, "--fold")
+    train_folds = list(range(shard_set.folds)) if cfg.full_data else streams.folds_except(shard_set, cfg.fold_number, "--fold")
     counts = shard_set.class_counts(train_folds)
 
     set_seed(cfg.seed)  # same init on every rank; the streams seed per rank and worker themselves
@@ -123,12 +124,13 @@ def setup(cfg: config_mod.TrainConfig, log_dir: Path | None = None, accelerator:
     train_data, train_steps = make_train_loader(cfg, shard_set, train_folds, accelerator)
     steps_per_epoch = min(cfg.max_steps, train_steps) if cfg.max_steps else train_steps
     # Validation workers start for each pass and exit after it: idle all epoch otherwise.
-    val_loader = streams.eval_loader(shard_set, fold=cfg.fold, batch_size=cfg.batch_size, rank=rank, world_size=world,
-                                     workers=cfg.validation_workers(), transform=eval_tf, pin_memory=channels_last,
-                                     channels_last=channels_last, persistent=False)
+    val_loader = None if cfg.full_data else streams.eval_loader(
+        shard_set, fold=cfg.fold_number, batch_size=cfg.batch_size, rank=rank, world_size=world, workers=cfg.validation_workers(),
+        transform=eval_tf, pin_memory=channels_last, channels_last=channels_last, persistent=False)
 
     # Before any worker starts: the batches of every local process must fit in /dev/shm.
-    streams.check_shared_memory([train_data, val_loader], processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    streams.check_shared_memory([loader for loader in (train_data, val_loader) if loader is not None],
+                                processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
     base_lr = scaled_lr(cfg.lr, cfg.batch_size * world * cfg.grad_accum, cfg.base_batch)
     optimizer = make_optimizer(cfg, model, base_lr, fused=accelerator.device.type == "cuda")
