@@ -43,7 +43,7 @@ def test_compile_trains_resumes_and_predicts_like_an_uncompiled_load(small_shard
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     batches = out / "fold0" / "batches" / "rank0.txt"
     assert procs.wait_for(lambda: batches.exists() and len(batches.read_text().splitlines()) >= 5, 400)
-    run.send_signal(signal.SIGTERM)
+    procs.signal_frozen(run.pid, signal.SIGTERM)
     output = run.communicate(timeout=300)[0]
     assert run.returncode == PREEMPTED_EXIT, output[-3000:]
     again = subprocess.run(_train(small_shards, out, *args, "--resume"), env=launch_env(tmp_path), cwd=tmp_path,

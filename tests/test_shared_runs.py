@@ -177,7 +177,7 @@ def test_ctrl_c_saves_a_damaged_state_falls_back_and_resume_keeps_its_settings(s
     run = _start(_direct(*args), tmp_path, tmp_path / "cut.log")
     batches = out / "fold0" / "batches" / "rank0.txt"
     assert procs.wait_for(lambda: batches.exists() and len(batches.read_text().splitlines()) >= 5, 180)
-    run.send_signal(signal.SIGINT)  # Ctrl-C: finish the step, save, stop
+    procs.signal_frozen(run.pid, signal.SIGINT)  # Ctrl-C: finish the step, save, stop
     assert run.wait(timeout=120) == PREEMPTED_EXIT, (tmp_path / "cut.log").read_text()[-3000:]
     output = (tmp_path / "cut.log").read_text()
     assert "Ctrl-C (SIGINT) received" in output and "`--resume` continues" in output and "Traceback" not in output
