@@ -1,6 +1,6 @@
 """``maskdist demo``: the whole flow on built-in synthetic data, on this machine's CPUs.
 
-synth -> shards build -> k folds trained (2-process CPU DDP when two cores are free) ->
+synth -> shards build -> k folds trained (2-process CPU DDP with two cores or more) ->
 ensemble prediction -> score against the hidden answers. Each stage writes into one work
 folder and is skipped when its output is already complete (every output appears
 atomically; a half-trained fold resumes), so re-running the demo continues where it stopped.
