@@ -34,6 +34,7 @@ EXPECT = {
     "maskdist bench epoch": "in memory (ceiling)",
     "maskdist bench predict": "ratio predict / bare",
     "maskdist bench memory": "worker",
+    "maskdist bench crop": "found bare",
 }
 
 

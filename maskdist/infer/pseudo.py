@@ -19,6 +19,7 @@ import pandas as pd
 from maskdist.data import labels, layout, transforms
 from maskdist.errors import MaskdistError
 from maskdist.infer.predict import by_key, ensemble_probs, folder_loader, load_ensemble
+from maskdist.shards import crop as face_crop
 from maskdist.system import distributed
 from maskdist.system.fileio import atomic_path
 
@@ -121,7 +122,7 @@ def pseudo_label(
     if not images:
         raise MaskdistError(f"{images_dir} holds no .jpg/.jpeg/.png images")
     ensemble = load_ensemble(sources, "uniform", accelerator.device)
-    tf = transforms.build_transform("none", ensemble.resize, ensemble.crop)
+    tf = face_crop.folder_transform(transforms.build_transform("none", ensemble.resize, ensemble.crop), ensemble.members[0].card)
     keys = [str(p) for p in images]
     loader = folder_loader(keys, keys, tf, batch_size, accelerator.process_index, accelerator.num_processes, workers)
     rows, failed = ensemble_probs(ensemble, loader, accelerator.device, "none", accelerator.autocast)

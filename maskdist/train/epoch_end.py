@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from accelerate import Accelerator
 
+from maskdist.shards import crop as face_crop
 from maskdist.system import distributed
 from maskdist.system.fileio import atomic_path
 from maskdist.train import checkpoint, monitor
@@ -65,6 +66,7 @@ def finish_epoch(run: Run, epoch: int, tally: EpochTally, best: dict, skipped_hi
                     "per_class_f1": scores.per_class_f1, "accuracy": scores.accuracy, "samples": scores.samples}
             card = checkpoint.model_card(cfg.model, cfg.resize, cfg.crop, run.mean, run.std, run.shard_set.age_cut,
                                          cfg.fold_number, epoch, best, cfg.drop_rate, heads=cfg.heads)
+            card |= face_crop.card_entry(run.shard_set.manifest)  # the shards' crop, for predict to repeat
             card["weights"] = weights  # live or ema: which weights best.safetensors holds
             card["confusion"] = scores.confusion
             card["train_folds"] = run.train_folds

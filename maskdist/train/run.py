@@ -18,9 +18,11 @@ from maskdist.model import losses
 from maskdist.model.ema import Ema
 from maskdist.model.factory import create_model, normalisation, plain_module, prepare_for_device
 from maskdist.model.mixing import Mixer
+from maskdist.shards import crop as face_crop
 from maskdist.shards.manifest import open_shard_set
 from maskdist.shards.opener import RetryPolicy
 from maskdist.system import distributed
+from maskdist.train import checkpoint
 from maskdist.train.schedule import WarmRestarts, scaled_lr
 from maskdist.train.step import make_optimizer
 
@@ -104,6 +106,9 @@ def setup(cfg: config_mod.TrainConfig, log_dir: Path | None = None, accelerator:
     accelerator = accelerator or make_accelerator(cfg, log_dir)
     rank, world = accelerator.process_index, accelerator.num_processes
     shard_set = open_shard_set(cfg.shards, RetryPolicy(cfg.read_tries, cfg.read_backoff_s))
+    if cfg.resume and (cfg.run_dir() / checkpoint.MODEL_JSON).is_file():  # a resumed fold keeps the crop its model learned
+        face_crop.check_same(face_crop.policy_of(checkpoint.read_card(cfg.run_dir())), face_crop.policy_of(shard_set.manifest),
+                             f"{cfg.run_dir()} was trained on", cfg.shards, "start a new run (another --out)")
     train_folds = list(range(shard_set.folds)) if cfg.full_data else streams.folds_except(shard_set, cfg.fold_number, "--fold")
     counts = shard_set.class_counts(train_folds)
 
