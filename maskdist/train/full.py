@@ -16,6 +16,7 @@ from pathlib import Path
 
 from maskdist import config as config_mod
 from maskdist.errors import MaskdistError
+from maskdist.shards import crop as face_crop
 from maskdist.train import checkpoint, monitor
 from maskdist.train.epoch_end import data_summary, epoch_figures
 from maskdist.train.meters import EpochTally
@@ -65,6 +66,7 @@ def finish_full_epoch(run: Run, epoch: int, tally: EpochTally, skipped_history: 
                           f" {100 * figures['wait']:.1f}%, no validation (full-data model)" + figures["skipped_text"])
         card = checkpoint.model_card(cfg.model, cfg.resize, cfg.crop, run.mean, run.std, run.shard_set.age_cut,
                                      config_mod.FULL_DATA, epoch, best, cfg.drop_rate, heads=cfg.heads)
+        card |= face_crop.card_entry(run.shard_set.manifest)  # the shards' crop, for predict to repeat
         card.update(weights=weights, train_folds=run.train_folds, data=data_summary(skipped_history), finished=False,
                     epochs=cfg.epochs, validation=False, epochs_from=epochs_source)
         checkpoint.save(run.run_dir, run.ema.module if run.ema is not None else run.module, card)
