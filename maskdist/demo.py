@@ -1,6 +1,6 @@
 """``maskdist demo``: the whole flow on built-in synthetic data, on this machine's CPUs.
 
-synth -> shards build -> k folds trained (2-process CPU DDP when two cores are free) ->
+synth -> shards build -> k folds trained (2-process CPU DDP with two cores or more) ->
 ensemble prediction -> score against the hidden answers. Each stage writes into one work
 folder and is skipped when its output is already complete (every output appears
 atomically; a half-trained fold resumes), so re-running the demo continues where it stopped.
@@ -22,11 +22,18 @@ from maskdist.train import kfold
 from maskdist.train.state import fold_finished
 
 
-def free_cores() -> int:
-    """Cores this process may use minus the recent load (other work on the machine)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, int(cores - load + 0.5))
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, as a container or job sets it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def demo_processes(cores: int | None = None) -> tuple[int, str]:
+    """CPU processes per fold and why: 2 with two cores or more, else 1. It depends on the
+    machine, never on its momentary load, so the demo's global batch, scaled lr and scores
+    are the same on every run of one machine."""
+    cores = usable_cores() if cores is None else cores
+    processes = 2 if cores >= 2 else 1
+    return processes, f"{cores} usable core(s)"
 
 
 @dataclass
@@ -37,7 +44,7 @@ class DemoOptions:
     folds: int = 5
     seed: int = 0
     config: str = "cpu_fast"
-    processes: int = 0  # 0: 2 when two cores are free, else 1
+    processes: int = 0  # 0: 2 with two usable cores or more, else 1
     epochs: int | None = None  # None: the preset's
     workers: int = 2
 
@@ -74,12 +81,12 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> dict:
                              workers=options.workers, overwrite=shard_dir.exists()),
         echo,
     )
-    processes = options.processes or (2 if free_cores() >= 2 else 1)
+    processes, why = (options.processes, "--processes") if options.processes else demo_processes()
     train_config = config_mod.load(options.config, {"shards": str(shard_dir), "out": str(runs), "seed": options.seed,
                                                     "epochs": options.epochs})
     plan = kfold.KFoldPlan(shards=str(shard_dir), out=runs, train=train_config, processes=processes, cpu=True,
                            submission=submission)
-    echo(f"[train] {options.folds} folds, preset {options.config}, {processes} CPU process(es) per fold")
+    echo(f"[train] {options.folds} folds, preset {options.config}, {processes} CPU process(es) per fold ({why})")
     _stage("train + predict", submission.is_file() and all(fold_finished(runs / f"fold{k}") for k in range(options.folds)),
            lambda: kfold.run(plan, echo), echo)
 

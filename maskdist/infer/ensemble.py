@@ -1,7 +1,7 @@
 """The ensemble: fold models of one or more experiments, each fed its own input.
 
-Models may differ in architecture, heads (single or parts), input size and normalisation.
-They are grouped by input size (:class:`InputGroup`): each group is one pass over the images
+Models may differ in architecture, heads (single or parts), input size, normalisation and
+face crop. They are grouped by input size and crop (:class:`InputGroup`): each group is one pass over the images
 (decoded and resized once for the group), and inside a pass every model gets the batch
 normalised with its own mean and std on the device. The vote is the weighted mean of the
 models' 18-class probabilities: inside an experiment its folds weigh equally (or by their
@@ -19,6 +19,7 @@ models together.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from maskdist.data.images import ImageError, decode_rgb
 from maskdist.errors import MaskdistError
 from maskdist.infer.members import FoldRun, find_members
 from maskdist.model import heads
+from maskdist.shards import crop as face_crop
 from maskdist.system import distributed, parallel
 from maskdist.train import checkpoint
 
@@ -64,14 +66,20 @@ class Member:
 
 @dataclass
 class InputGroup:
-    """Models fed the same decoded images: one pass over the eval set."""
+    """Models fed the same decoded images (same input size, same face crop or none): one
+    pass over the eval set."""
 
     resize: int
     crop: int
     members: list[int]  # indices into Ensemble.members
+    card: dict = field(default_factory=dict)  # the first member's model card (its crop policy)
 
     def transform(self) -> transforms.Transform:
         return transforms.build_transform("none", self.resize, self.crop)
+
+    def folder_transform(self):
+        """The transform of photos from files: behind the face crop the models were trained with."""
+        return face_crop.folder_transform(self.transform(), self.card)
 
 
 @dataclass
@@ -133,10 +141,11 @@ def load_ensemble(sources: Sequence[str | os.PathLike | FoldRun], weighting: str
     for e, experiment in enumerate(experiments):
         inside = [i for i, r in enumerate(runs) if r.experiment == experiment]
         weights[inside] = between[e] * _within_experiment([runs[i] for i in inside], weighting)
-    groups: dict[tuple[int, int], InputGroup] = {}
+    groups: dict[tuple, InputGroup] = {}
     for i, member in enumerate(members):
         size = (int(member.card["image"]["resize"]), int(member.card["image"]["crop"]))
-        groups.setdefault(size, InputGroup(*size, [])).members.append(i)
+        policy = json.dumps(face_crop.policy_of(member.card), sort_keys=True)
+        groups.setdefault((*size, policy), InputGroup(*size, [], member.card)).members.append(i)
     return Ensemble(members, weights, experiments, between, list(groups.values()))
 
 

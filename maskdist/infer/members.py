@@ -18,7 +18,7 @@ from pathlib import Path
 from maskdist import config as config_mod
 from maskdist.errors import MaskdistError
 from maskdist.train import checkpoint
-from maskdist.train.state import epoch_done, fold_finished, load_trainer_state
+from maskdist.train.state import fold_finished, fold_status
 
 FOLD_DIR = re.compile(r"fold(\d+)")
 
@@ -42,21 +42,9 @@ class FoldRun:
 
 
 def stop_point(run_dir: Path) -> str:
-    """Where an unfinished fold stopped: ``interrupted at epoch e step s (of E epochs)``,
-    ``interrupted after epoch e ...``, or ``not trained``."""
-    run_dir = Path(run_dir)
-    trainer = load_trainer_state(run_dir)
-    if not (run_dir / checkpoint.MODEL_JSON).is_file():
-        return "not trained"
-    try:
-        epochs = f" (of {config_mod.load(run_dir / checkpoint.CONFIG).epochs} epochs)"
-    except MaskdistError:
-        epochs = ""
-    if trainer is None:
-        return "not finished (no resumable state to say where it stopped)"
-    if epoch_done(trainer):
-        return f"interrupted after epoch {trainer['epoch']}{epochs}"
-    return f"interrupted at epoch {trainer['epoch']} step {trainer['step']}{epochs}"
+    """Where an unfinished fold stopped (``interrupted at epoch e step s of E epochs``,
+    ``interrupted after epoch e ...``, or ``not trained``): :class:`FoldStatus`'s words."""
+    return fold_status(Path(run_dir)).describe()
 
 
 def experiment_runs(root: Path) -> list[Path]:

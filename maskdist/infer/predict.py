@@ -24,6 +24,7 @@ from maskdist.errors import MaskdistError
 from maskdist.infer import decisions as decisions_mod
 from maskdist.infer.ensemble import Ensemble, InputGroup, folder_loader, load_ensemble, mix, pin_memory, vote
 from maskdist.infer.members import FoldRun, find_members, trained_precision, unfinished
+from maskdist.shards import crop as face_crop
 from maskdist.shards.format import eval_key
 from maskdist.shards.manifest import open_shard_set
 from maskdist.system import distributed
@@ -67,6 +68,8 @@ class ShardEval(EvalSet):
         super().__init__(info, info_path, [eval_key(row) for row in range(len(info))])
 
     def loader(self, group, batch_size, rank, world_size, workers, pin=False):
+        face_crop.check_same(face_crop.policy_of(group.card), face_crop.policy_of(self.shard_set.manifest),
+                             "the models were trained on", self.shard_set.location)
         return streams.eval_loader(self.shard_set, "eval", batch_size, rank=rank, world_size=world_size, workers=workers,
                                    transform=group.transform(), pin_memory=pin)
 
@@ -84,7 +87,7 @@ class FolderEval(EvalSet):
         self.paths = list(table["path"])
 
     def loader(self, group, batch_size, rank, world_size, workers, pin=False):
-        return folder_loader(self.keys, self.paths, group.transform(), batch_size, rank, world_size, workers, pin)
+        return folder_loader(self.keys, self.paths, group.folder_transform(), batch_size, rank, world_size, workers, pin)
 
 
 def write_submission(info: pd.DataFrame, answers: Sequence[int], out: Path) -> None:

@@ -129,7 +129,7 @@ def pseudo_label(
     ensemble, applied, accelerator, notes = prepare(sources, "uniform", decisions, precision, timeout_s, allow_unfinished, accelerator)
     keys = [str(p) for p in images]
     pin = pin_memory(accelerator.device)
-    votes = vote(ensemble, lambda group: folder_loader(keys, keys, group.transform(), batch_size, accelerator.process_index,
+    votes = vote(ensemble, lambda group: folder_loader(keys, keys, group.folder_transform(), batch_size, accelerator.process_index,
                                                        accelerator.num_processes, workers, pin),
                  accelerator.device, "none", accelerator.autocast, accelerator)
     predicted = {k: mix(ensemble, v[None])[0] for k, v in votes.probs.items()}

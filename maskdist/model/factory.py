@@ -117,10 +117,40 @@ def normalisation(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...
     return tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
 
 
-def prepare_for_device(model: nn.Module, device: torch.device, compile_model: bool = False) -> nn.Module:
-    """channels_last on CUDA (faster convolutions with tensor cores), optional torch.compile."""
-    if device.type == "cuda":
+def prepare_for_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """channels_last on CUDA: convolutions run in NHWC on tensor cores, and the loaders hand
+    over NHWC uint8 batches there (see :func:`maskdist.data.transforms.to_device`)."""
+    if torch.device(device).type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    if compile_model:
-        model = torch.compile(model)
     return model
+
+
+def plain_module(model: nn.Module) -> nn.Module:
+    """The ``nn.Module`` under DDP and ``torch.compile`` wrappers, in any order.
+
+    It is what gets saved (no ``module.`` or ``_orig_mod.`` in the names), averaged into the
+    EMA and validated (no recompilation for eval mode or a last partial batch).
+    """
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        else:
+            return model
+
+
+# Prefixes a wrapper adds to state-dict names: torch.compile's, and DDP's.
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def strip_wrapper_prefixes(state: dict) -> dict:
+    """State-dict names without the prefix a wrapper added to every one of them, so weights
+    saved through a wrapper (as earlier ``--compile`` runs saved their best model) load into
+    a plain model."""
+    while state:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(name.startswith(p) for name in state)), None)
+        if prefix is None:
+            return state
+        state = {name[len(prefix):]: value for name, value in state.items()}
+    return state

@@ -8,6 +8,8 @@ module      one job
 ``tario``   the strict tar reader, samples from tar members, the tar writer
 ``manifest`` ``manifest.json`` and :class:`ShardSet`: what readers trust
 ``build``   ``shards build`` and its report
+``detectors`` face detectors that ship their weights, loaded by name
+``crop``    the face crop: policy, placement, detection cache, what a build counts
 ``check``   ``shards inspect`` and ``shards verify``
 =========== ====================================================================
 

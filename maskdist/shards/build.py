@@ -22,9 +22,13 @@ from pathlib import Path
 
 from maskdist.data import images, labels
 from maskdist.errors import MaskdistError
+from maskdist.shards import crop
+from maskdist.shards.detectors import DEFAULT_DETECTOR
 from maskdist.shards.format import (
+    CROP,
     EVAL_SCHEMA,
     EXTRA_FOLD,
+    FACE,
     FORMAT,
     FORMAT_VERSION,
     IMAGE_EXT,
@@ -38,15 +42,15 @@ from maskdist.shards.format import (
     shard_path,
     train_key,
 )
+from maskdist.shards.report import BuildReport, human_bytes  # noqa: F401 (BuildReport is part of this module's API)
+from maskdist.shards.tario import ShardTarWriter
+from maskdist.system import parallel
+from maskdist.system.fileio import disk_full, is_disk_full
 
 # Exactly 224x224 (aspect not kept): the recipe's first op, Resize((224, 224)), done once at
 # build time with INTER_AREA. The loader then decodes a 224x224 JPEG and skips its resize
 # (~1.5x the images/s of a 224-short-side set, ~1.7x of the old 256 default). A transform
 # that resizes to more than the stored size would upscale: build for it (``--image-size
-from maskdist.shards.report import BuildReport, human_bytes  # noqa: F401 (BuildReport is part of this module's API)
-from maskdist.shards.tario import ShardTarWriter
-from maskdist.system import parallel
-
 # 288x288``, or ``--image-size 256`` for the shorter side with the aspect kept).
 DEFAULT_IMAGE_SIZE = "224x224"
 DEFAULT_QUALITY = 95
@@ -157,16 +161,23 @@ class _ShardWriter:
             self._tar = None
 
 
-def _encode_task(task: tuple[str, int | None, int]) -> tuple[bool, object, object]:
-    """Worker: (path, size, quality) -> (True, jpeg, (h, w)) or (False, reason, why)."""
-    path, size, quality = task
+def _encode_task(task: tuple[str, int | None, int, crop.CropJob | None]) -> tuple[bool, object, object, dict | None]:
+    """Worker: (path, size, quality, crop job) -> (True, jpeg, (h, w), face record or None)
+    or (False, reason, why, None)."""
+    path, size, quality, job = task
+    record = None
     try:
-        jpeg, shape = images.prepare_file(path, size, quality)
+        if job is None:
+            jpeg, shape = images.prepare_file(path, size, quality)
+        else:
+            jpeg, shape, record = crop.prepare_file(path, size, quality, job)
     except images.ImageError as err:
-        return False, err.reason, str(err)
+        return False, err.reason, str(err), None
+    except MaskdistError:
+        raise
     except Exception as err:  # noqa: BLE001 (a decoder bug on one file must not stop the build)
-        return False, "unreadable", f"{type(err).__name__}: {err}"
-    return True, jpeg, shape
+        return False, "unreadable", f"{type(err).__name__}: {err}", None
+    return True, jpeg, shape, record
 
 
 
@@ -277,11 +288,18 @@ def build_shards(
     workers: int = 1,
     overwrite: bool = False,
     progress: bool = False,
+    crop_kind: str | None = None,
+    detector: str = DEFAULT_DETECTOR,
+    crop_margin: float = crop.DEFAULT_MARGIN,
+    face_cache: str | os.PathLike | None = None,
 ) -> BuildReport:
     """Build a shard set at ``out`` (see shards/README.md); returns the build report.
 
     The set appears at ``out`` only when complete (built in ``.NAME.partial-<pid>`` beside
     it, then renamed). Bad images are skipped and listed in the report, never fatal.
+    ``crop_kind="face"`` stores face crops (:mod:`maskdist.shards.crop`) found by ``detector``
+    with ``crop_margin``; detections are cached in ``face_cache`` (default: ``.face-cache``
+    beside ``out``).
     """
     from maskdist.data import folds as folds_api, layout
 
@@ -294,6 +312,9 @@ def build_shards(
         raise MaskdistError(f"{out} already exists: pass --overwrite to replace it, or choose another --out")
     if out.exists() and not out.is_dir():
         raise MaskdistError(f"{out} exists and is not a folder: choose another --out")
+    if crop_kind not in (None, crop.FACE):
+        raise MaskdistError(f"--crop {crop_kind!r}: the only crop is 'face' (without --crop the whole photo is stored)")
+    policy = crop.make_policy(detector, crop_margin, size) if crop_kind else None
 
     table, layout_report = layout.read_train(train_dir, fixes=fixes, extra=extra)
     if len(table) == 0:
@@ -317,14 +338,23 @@ def build_shards(
     true_counts: dict[str, list[int]] = {}
     shapes: Counter = Counter()
     eval_skipped_rows: list[int] = []
+    tally = crop.CropTally(policy) if policy else None
     try:
         from tqdm import tqdm
 
-        tasks = [(r["path"], size, int(quality)) for r in rows + eval_rows]
-        bar = tqdm(total=len(tasks), unit="img", desc=f"shards {out.name}", disable=not progress, dynamic_ncols=True)
+        job = None
+        cache = contextlib.nullcontext()
+        if policy:
+            cache_path = crop.cache_file(Path(face_cache) if face_cache is not None else out.parent / crop.CACHE_DIR, policy)
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            job = crop.CropJob(policy, str(cache_path), f"{os.getpid()}-{time.time_ns()}")
+            cache = open(cache_path, "a", encoding="utf-8")  # noqa: SIM115 (closed by the with below)
+        tasks = [(r["path"], size, int(quality), job) for r in rows + eval_rows]
+        bar = tqdm(total=len(tasks), unit="img", desc=f"shards {out.name}", disable=None if progress else True,  # only on a terminal
+                   dynamic_ncols=True)
         results = _encoded(tasks, int(workers))
-        with bar, contextlib.closing(results):
-            for index, (ok, value, info) in enumerate(results):
+        with bar, contextlib.closing(results), cache:
+            for index, (ok, value, info, face) in enumerate(results):  # face: the crop's record, or None
                 bar.update(1)
                 report.read += 1
                 is_train = index < len(rows)
@@ -336,13 +366,17 @@ def build_shards(
                         eval_skipped_rows.append(r["row"])
                     continue
                 shapes[f"{info[0]}x{info[1]}"] += 1
+                meta = {k: r[k] for k in (TRAIN_SCHEMA if is_train else EVAL_SCHEMA)}
+                if face is not None:
+                    meta[FACE] = face["sample"]
+                    tally.add("train" if is_train else "eval", r.get("label"), r["relpath"], face)
+                    if face["new"]:
+                        crop.append_cache(cache, face["sha256"], face["face"])
                 if is_train:
-                    meta = {k: r[k] for k in TRAIN_SCHEMA}
                     writer.add("train", r["fold"], r["label"], r["key"], value, meta)
                     name = fold_name(r["fold"])
                     true_counts.setdefault(name, [0] * labels.NUM_CLASSES)[r["label_true"]] += 1
                 else:
-                    meta = {k: r[k] for k in EVAL_SCHEMA}
                     writer.add("eval", None, None, eval_key(r["row"]), value, meta)
                 report.written += 1
         entries = writer.close()
@@ -352,6 +386,9 @@ def build_shards(
             image_size=image_size_text(size), quality=int(quality),
             shard_size=int(shard_size), fixes=str(fixes) if fixes is not None else None, extra=extra,
         ), size, int(quality))
+        if tally is not None:
+            manifest[CROP] = tally.manifest_entry()
+            report.crop = tally.report_entry()
         report.shards = len(entries)
         report.bytes = sum(e["bytes"] for e in entries)
         report.seconds = time.perf_counter() - started
@@ -364,10 +401,12 @@ def build_shards(
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
-    except BaseException:
-        # Ctrl-C, kill (SIGTERM is turned into SystemExit by the CLI) or a bug: no partial set.
+    except BaseException as err:
+        # Ctrl-C, kill (SIGTERM is turned into SystemExit by the CLI), a full disk or a bug: no partial set.
         writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, Exception) and not isinstance(err, MaskdistError) and is_disk_full(err):
+            raise disk_full(out, what="no shard set was written (the partial one is removed)") from None
         raise
     return report
 

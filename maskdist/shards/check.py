@@ -15,8 +15,10 @@ from pathlib import Path
 
 from maskdist.data import images, labels
 from maskdist.errors import MaskdistError
+from maskdist.shards.crop import describe_crop
 from maskdist.shards.format import (
     COMPETITION,
+    CROP,
     EVAL_SCHEMA,
     EXTRA,
     EXTRA_FOLD,
@@ -61,7 +63,7 @@ def inspect_shards(path_or_url: str | os.PathLike) -> dict:
         "eval_shards": len([s for s in m["shards"] if s["split"] == "eval"]),
         "shards": len(m["shards"]),
         "bytes": sum(s["bytes"] for s in m["shards"]),
-    }
+    } | ({CROP: m[CROP]} if CROP in m else {})
 
 
 def describe_inspect(info: dict) -> str:
@@ -88,6 +90,8 @@ def describe_inspect(info: dict) -> str:
     lines.append(f"images: {image['format']} q{image.get('quality')}, {size}; most common HxW: {shapes}")
     build = info["build"]
     lines.append("build: " + ", ".join(f"{k}={v}" for k, v in build.items()))
+    if info.get(CROP):
+        lines += [line.removeprefix("  ") for line in describe_crop(info[CROP])]
     return "\n".join(lines)
 
 
@@ -153,7 +157,7 @@ def verify_shards(path_or_url: str | os.PathLike, quick: bool = False, progress:
     state = {"last_row": -1, "keys": set()}
     from tqdm import tqdm
 
-    for entry in tqdm(m["shards"], unit="shard", desc="verify", disable=not progress):
+    for entry in tqdm(m["shards"], unit="shard", desc="verify", disable=None if progress else True):
         result.shards += 1
         _verify_one(shard_set, entry, quick, result, person_folds, state)
     for person, fold_set in sorted(person_folds.items()):

@@ -28,6 +28,11 @@ SOURCES = (COMPETITION, EXTRA)  # ... and of outside ones (EXTRA)
 TRAIN_SCHEMA = {"person": str, "id": str, "gender": int, "age": int, "mask": int, "label": int,
                 "label_true": int, "fold": int, "source": str, "relpath": str}
 EVAL_SCHEMA = {"row": int, "image_id": str, "relpath": str}
+# With ``shards build --crop face``: the manifest's (and each model card's) crop policy, and the
+# .json field of every sample with the face box, its score and the region stored. A set
+# without them was built without a crop.
+CROP = "crop"
+FACE = "face"
 # The fields the loaders put into batches (as int64 tensors).
 TRAIN_BATCH_FIELDS = ("label", "label_true")
 EVAL_BATCH_FIELDS = ("row",)

@@ -6,12 +6,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from maskdist.shards.format import REPORT
+from maskdist.shards.crop import describe_crop
+from maskdist.shards.format import CROP, REPORT
 
-# Exactly 224x224 (aspect not kept): the recipe's first op, Resize((224, 224)), done once at
-# build time with INTER_AREA. The loader then decodes a 224x224 JPEG and skips its resize
-# (~1.5x the images/s of a 224-short-side set, ~1.7x of the old 256 default). A transform
-# that resizes to more than the stored size would upscale: build for it (``--image-size
 
 @dataclass
 class BuildReport:
@@ -26,6 +23,7 @@ class BuildReport:
     shards: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    crop: dict | None = None  # with --crop face: the policy, photos without a face, the lowest scores
 
     def skipped_by_reason(self) -> dict[str, int]:
         return dict(sorted(Counter(s["reason"] for s in self.skipped).items()))
@@ -36,7 +34,7 @@ class BuildReport:
             "skipped": len(self.skipped), "skipped_by_reason": self.skipped_by_reason(),
             "skipped_files": self.skipped, "shards": self.shards, "bytes": self.bytes,
             "seconds": round(self.seconds, 3), "layout": self.layout, "eval_layout": self.eval_layout,
-        }
+        } | ({CROP: self.crop} if self.crop is not None else {})
 
     def describe(self, limit: int = 20) -> str:
         rate = self.read / self.seconds if self.seconds > 0 else 0.0
@@ -51,6 +49,8 @@ class BuildReport:
             lines.append(f"    {s['split']} {s['relpath']}: {s['reason']}: {s['why']}")
         if len(self.skipped) > limit:
             lines.append(f"    ... and {len(self.skipped) - limit} more (all are in {REPORT})")
+        if self.crop is not None:
+            lines += describe_crop(self.crop, limit)
         for name, layout in (("train", self.layout), ("eval", self.eval_layout)):
             if layout and layout.get("problems"):
                 counts = ", ".join(f"{k} {v}" for k, v in sorted(layout.get("counts", {}).items()))

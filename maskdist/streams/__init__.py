@@ -78,11 +78,11 @@ Reading and decoding
 from __future__ import annotations
 
 from maskdist.streams.evaluation import EvalStream, eval_plan, eval_shards
-from maskdist.streams.loader import StreamLoader, eval_loader, train_loader
+from maskdist.streams.loader import StreamLoader, check_shared_memory, eval_loader, shared_memory_bytes, train_loader
 from maskdist.streams.samples import ERROR, RESUME_PADDING, SKIPPED, BadSample, collate, read_shard
 from maskdist.streams.selection import check_stored_size, class_probabilities, derive_seed, folds_except
 from maskdist.streams.training import DEFAULT_MAX_SKIPPED, DEFAULT_SHUFFLE_BUFFER, TrainStream
 
 __all__ = ["BadSample", "DEFAULT_MAX_SKIPPED", "DEFAULT_SHUFFLE_BUFFER", "ERROR", "EvalStream", "RESUME_PADDING", "SKIPPED",
-           "StreamLoader", "TrainStream", "check_stored_size", "class_probabilities", "collate", "derive_seed",
-           "eval_loader", "eval_plan", "eval_shards", "folds_except", "read_shard", "train_loader"]
+           "StreamLoader", "TrainStream", "check_shared_memory", "check_stored_size", "class_probabilities", "collate", "derive_seed",
+           "eval_loader", "eval_plan", "eval_shards", "folds_except", "read_shard", "shared_memory_bytes", "train_loader"]

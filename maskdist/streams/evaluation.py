@@ -56,8 +56,9 @@ class EvalStream(IterableDataset):
     """Every sample of a selection exactly once across ranks and workers, in batches with keys."""
 
     def __init__(self, shard_set: ShardSet, shards: list[dict], fields: Sequence[str], batch_size: int,
-                 rank: int, world_size: int, transform: Transform, workers: int):
+                 rank: int, world_size: int, transform: Transform, workers: int, channels_last: bool = False):
         super().__init__()
+        self.channels_last = bool(channels_last)
         self.shard_set, self.shards, self.fields = shard_set, shards, tuple(fields)
         self.batch_size, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
         self.transform, self.workers = transform, max(1, int(workers))
@@ -101,12 +102,12 @@ class EvalStream(IterableDataset):
                     continue
                 pending.append(sample)
                 if len(pending) == self.batch_size:
-                    yield collate(pending, self.transform, self.fields)
+                    yield collate(pending, self.transform, self.fields, self.channels_last)
                     pending = []
             if index != end:  # the split is exact only if the manifest counts are
                 raise ShardFormatError(f"{shard['path']}: the manifest lists {n} samples, the shard holds a different number")
         if pending:
-            yield collate(pending, self.transform, self.fields)
+            yield collate(pending, self.transform, self.fields, self.channels_last)
 
 
 def eval_shards(shard_set: ShardSet, fold: int | str) -> tuple[list[dict], tuple[str, ...]]:

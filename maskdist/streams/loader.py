@@ -5,6 +5,7 @@ factories the training loop calls, :func:`train_loader` and :func:`eval_loader`.
 from __future__ import annotations
 
 import logging
+import os
 import weakref
 from collections.abc import Iterable, Iterator
 
@@ -38,16 +39,18 @@ class StreamLoader:
     """
 
     def __init__(self, dataset: IterableDataset, workers: int, pin_memory: bool = False,
-                 prefetch_factor: int | None = None, multiprocessing_context=None, max_skipped: float = DEFAULT_MAX_SKIPPED):
+                 prefetch_factor: int | None = None, multiprocessing_context=None, max_skipped: float = DEFAULT_MAX_SKIPPED,
+                 persistent: bool = True):
         self.dataset = dataset
         self.workers = int(workers)
+        self.prefetch_factor = (prefetch_factor or 2) if self.workers > 0 else 0
         self.max_skipped = float(max_skipped)
         self.skipped: dict[str, tuple[str, int]] = {}
         self._resumed: tuple[int, dict[str, tuple[str, int]]] = (-1, {})  # (epoch, skipped) before a resume
         self._warned: set[str] = set()
         kwargs = {}
         if self.workers > 0:
-            kwargs = dict(persistent_workers=True, worker_init_fn=parallel.worker_init(stream=True), prefetch_factor=prefetch_factor or 2,
+            kwargs = dict(persistent_workers=persistent, worker_init_fn=parallel.worker_init(stream=True), prefetch_factor=prefetch_factor or 2,
                           multiprocessing_context=multiprocessing_context or parallel.context())
         # Its own generator: a DataLoader draws a seed from the global torch RNG whenever it
         # starts iterating, which would shift dropout's random stream between a run and its
@@ -116,11 +119,46 @@ class StreamLoader:
         self._finalizer()
 
 
+SHARED_MEMORY = "/dev/shm"  # where worker processes build their batches (torch's shared tensors)
+
+
+def shared_memory_bytes(loader: StreamLoader) -> int:
+    """Bytes of batches a loader's workers hold in shared memory at once: each worker keeps
+    ``prefetch_factor`` batches ready, and the main process uses one more (0 without workers
+    or without a fixed batch size)."""
+    size = getattr(loader.dataset.transform, "output_size", None)
+    if not loader.workers or size is None:
+        return 0
+    return (loader.workers * loader.prefetch_factor + 1) * loader.dataset.batch_size * 3 * size[0] * size[1]
+
+
+def check_shared_memory(loaders: Iterable[StreamLoader], processes: int = 1, path: str = SHARED_MEMORY) -> int:
+    """Refuse in one line, before any worker starts, loaders whose batches do not fit in
+    ``path`` (``processes``: training processes on this machine, each with these loaders);
+    returns the bytes needed. Docker's default ``/dev/shm`` of 64 MB is far too small for a
+    GPU's batches, and running out kills a worker with a bus error in the middle of an epoch.
+    """
+    import shutil
+
+    need = int(processes) * sum(shared_memory_bytes(loader) for loader in loaders)
+    if not need or not os.path.isdir(path):
+        return need
+    free = shutil.disk_usage(path).free
+    if need > free:
+        workers = "+".join(str(loader.workers) for loader in loaders)
+        raise MaskdistError(
+            f"{path} has {free / 2**20:.0f} MB free, but the loaders' batches need about {need / 2**20:.0f} MB there"
+            f" ({workers} workers x prefetch 2 per process, {processes} process(es) on this machine): give the container"
+            " more shared memory (docker run --shm-size=16g, or --ipc=host), or lower --workers / --val-workers / --batch-size")
+    return need
+
+
 def train_loader(shard_set: ShardSet | str, folds: Iterable[int] | None, batch_size: int, rank: int = 0,
                  world_size: int = 1, workers: int = 4, seed: int = 0, alpha: float = 0.0,
                  transform: Transform | str | None = "recipe", shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
                  extra: bool = True, pin_memory: bool = False, prefetch_factor: int | None = None,
-                 multiprocessing_context=None, max_skipped: float = DEFAULT_MAX_SKIPPED) -> tuple[StreamLoader, int]:
+                 multiprocessing_context=None, max_skipped: float = DEFAULT_MAX_SKIPPED,
+                 channels_last: bool = False) -> tuple[StreamLoader, int]:
     """The class-balanced training loader of one rank and its exact steps per epoch.
 
     ``folds``: training folds (None: all; see :func:`folds_except`); ``extra``: include
@@ -131,25 +169,29 @@ def train_loader(shard_set: ShardSet | str, folds: Iterable[int] | None, batch_s
     Call ``loader.set_epoch(epoch)`` before each epoch (``set_epoch(epoch, step)`` to resume
     inside it). An unreadable or damaged shard is skipped for the rest of the epoch and
     recorded in ``loader.skipped``; ``max_skipped`` (a fraction of the epoch's samples) bounds
-    what may be skipped before the loader raises.
+    what may be skipped before the loader raises. ``channels_last``: batches NHWC in memory
+    (for a channels_last model on CUDA; the shape stays NCHW).
     """
     check_split_args(batch_size, rank, world_size, workers)
     shard_set, transform = as_shard_set(shard_set), as_transform(transform)
     check_stored_size(shard_set, transform)
-    dataset = TrainStream(shard_set, folds, batch_size, rank, world_size, seed, alpha, transform, shuffle_buffer, extra=extra)
+    dataset = TrainStream(shard_set, folds, batch_size, rank, world_size, seed, alpha, transform, shuffle_buffer, extra=extra,
+                          channels_last=channels_last)
     loader = StreamLoader(dataset, workers, pin_memory, prefetch_factor, multiprocessing_context, max_skipped)
     return loader, dataset.steps
 
 
 def eval_loader(shard_set: ShardSet | str, fold: int | str, batch_size: int, rank: int = 0, world_size: int = 1,
                 workers: int = 2, transform: Transform | str | None = "none", pin_memory: bool = False,
-                prefetch_factor: int | None = None, multiprocessing_context=None) -> StreamLoader:
+                prefetch_factor: int | None = None, multiprocessing_context=None, channels_last: bool = False,
+                persistent: bool = True) -> StreamLoader:
     """The evaluation loader of one rank over fold ``fold`` or ``"eval"``: every sample
     exactly once across ranks and workers; ``len(loader)`` is this rank's batch count and
-    ``loader.dataset.samples`` its sample count (they differ between ranks)."""
+    ``loader.dataset.samples`` its sample count (they differ between ranks). ``persistent``
+    False: the workers start for each pass and exit after it (validation, once an epoch)."""
     check_split_args(batch_size, rank, world_size, workers)
     shard_set, transform = as_shard_set(shard_set), as_transform(transform)
     check_stored_size(shard_set, transform)
     shards, fields = eval_shards(shard_set, fold)
-    dataset = EvalStream(shard_set, shards, fields, batch_size, rank, world_size, transform, workers)
-    return StreamLoader(dataset, workers, pin_memory, prefetch_factor, multiprocessing_context)
+    dataset = EvalStream(shard_set, shards, fields, batch_size, rank, world_size, transform, workers, channels_last)
+    return StreamLoader(dataset, workers, pin_memory, prefetch_factor, multiprocessing_context, persistent=persistent)

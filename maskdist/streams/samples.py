@@ -42,13 +42,23 @@ def read_shard(shard_set: ShardSet, shard: dict | str, start: int = 0, stop: int
     with shard_set.open(relpath, size) as handle:
         yield from iter_samples(handle, relpath, start, stop)
 
-def _uint8_batch(shape: tuple[int, ...]) -> torch.Tensor:
-    """An empty uint8 tensor; in a DataLoader worker it lives in shared memory from the start
-    (as torch's own collate does), so handing it to the main process copies nothing."""
+
+def _uint8_batch(shape: tuple[int, int, int, int], channels_last: bool = False) -> torch.Tensor:
+    """An empty uint8 NCHW batch; in a DataLoader worker it lives in shared memory from the
+    start (as torch's own collate does), so handing it to the main process copies nothing.
+
+    ``channels_last``: NHWC in memory (shape still NCHW): decoded images are HWC, so each
+    slot is one plain copy, and on the device the batch is already in the layout of a
+    channels_last model, with no conversion there.
+    """
+    n, c, h, w = shape
+    memory = (n, h, w, c) if channels_last else shape
     if get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.uint8)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape))
-    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+        batch = torch.empty(memory, dtype=torch.uint8)
+    else:
+        storage = torch.UntypedStorage._new_shared(math.prod(memory))
+        batch = torch.empty(0, dtype=torch.uint8).set_(storage).view(memory)
+    return batch.permute(0, 3, 1, 2) if channels_last else batch
 
 
 class BadSample(ShardFormatError):
@@ -61,12 +71,13 @@ class BadSample(ShardFormatError):
 
 class BatchBuilder:
     """Decodes raw samples straight into one uint8 NCHW batch (no per-image array and no
-    stacking copy when the transform fixes the output size), with the json's label fields."""
+    stacking copy when the transform fixes the output size), with the json's label fields;
+    ``channels_last``: the batch is NHWC in memory (see :func:`_uint8_batch`)."""
 
-    def __init__(self, size: int, transform: Transform, fields: Sequence[str]):
+    def __init__(self, size: int, transform: Transform, fields: Sequence[str], channels_last: bool = False):
         self.transform, self.fields = transform, tuple(fields)
         out = transform.output_size
-        self.images = _uint8_batch((size, 3, *out)) if out is not None else None
+        self.images = _uint8_batch((size, 3, *out), channels_last) if out is not None else None
         self.slots = self.images.numpy() if self.images is not None else None
         self.arrays: list[np.ndarray] = []  # decode only (no fixed size): stacked at the end
         self.keys: list[str] = []
@@ -107,10 +118,10 @@ class BatchBuilder:
         return batch
 
 
-def collate(samples: list[dict], transform: Transform, fields: Sequence[str]) -> dict:
+def collate(samples: list[dict], transform: Transform, fields: Sequence[str], channels_last: bool = False) -> dict:
     """Decode and transform raw samples into one uint8 NCHW batch with the json's ``fields``;
     a sample that does not decode raises BadSample (a ShardFormatError) naming its shard."""
-    builder = BatchBuilder(len(samples), transform, fields)
+    builder = BatchBuilder(len(samples), transform, fields, channels_last)
     for sample in samples:
         builder.add(sample)
     return builder.batch()

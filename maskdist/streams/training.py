@@ -160,13 +160,14 @@ class TrainStream(IterableDataset):
 
     def __init__(self, shard_set: ShardSet, folds: Iterable[int] | None, batch_size: int, rank: int,
                  world_size: int, seed: int, alpha: float, transform: Transform, shuffle_buffer: int,
-                 extra: bool = True):
+                 extra: bool = True, channels_last: bool = False):
         super().__init__()
         self.shard_set = shard_set
         self.folds = None if folds is None else sorted(int(f) for f in folds)
         self.batch_size, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
         self.seed, self.alpha = int(seed), float(alpha)
         self.transform, self.shuffle_buffer, self.extra = transform, int(shuffle_buffer), bool(extra)
+        self.channels_last = bool(channels_last)
         self.class_counts = shard_set.class_counts(self.folds, extra=self.extra)
         self.samples = shard_set.samples("train", self.folds, extra=self.extra)
         self.probs = class_probabilities(self.class_counts, self.alpha)
@@ -252,7 +253,7 @@ class TrainStream(IterableDataset):
     def _fill(self, samples: Iterator[dict], health: _ShardHealth) -> dict:
         """One batch of decoded samples; a sample that does not decode marks its shard bad
         (skipped for the rest of the epoch) and the next sample takes its place."""
-        builder = BatchBuilder(self.batch_size, self.transform, TRAIN_BATCH_FIELDS)
+        builder = BatchBuilder(self.batch_size, self.transform, TRAIN_BATCH_FIELDS, self.channels_last)
         while len(builder.keys) < self.batch_size:
             sample = next(samples)
             try:

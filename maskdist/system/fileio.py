@@ -1,9 +1,11 @@
 """Atomic writes: a file is written under a temporary name beside its target, flushed to
 disk, then renamed over the target, so a kill mid-write leaves the previous file (or none),
-never a half-written one that looks complete."""
+never a half-written one that looks complete. A full disk (or quota) during a write becomes
+one :class:`DiskFull` line that names the path and the fix."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -12,13 +14,58 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from maskdist.errors import MaskdistError
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded")  # what libraries that wrap the OSError say
+
+
+class DiskFull(MaskdistError):
+    """A write failed because the filesystem (or the user's quota) is full."""
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """``err`` (or what it wraps) says the disk or the quota is full: an OSError with ENOSPC or
+    EDQUOT, or a library's error that carries its text (safetensors, tensorboard)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(err) for text in _DISK_FULL_TEXT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Free bytes on the filesystem that holds ``path`` (or its nearest existing parent)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def disk_full(path: str | os.PathLike, needed: int | None = None, what: str = "") -> DiskFull:
+    """The one-line error for a full disk at ``path``."""
+    need = f" (needs about {needed / 2**20:.0f} MB, {free_bytes(path) / 2**20:.0f} MB free)" if needed else \
+        f" ({free_bytes(path) / 2**20:.0f} MB free)"
+    return DiskFull(f"no space left on the device writing {path}{need}{': ' + what if what else ''}: free space there,"
+                    " or write to another folder")
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path to write; it replaces ``path`` only if the block succeeds."""
+    """A temporary path to write; it replaces ``path`` only if the block succeeds. A full disk
+    raises :class:`DiskFull`, and the temporary file is removed either way."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        if is_disk_full(err):
+            raise disk_full(path) from None
+        raise
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -26,6 +73,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)
+    except DiskFull:
+        raise
+    except Exception as err:
+        if is_disk_full(err):
+            raise disk_full(path) from None
+        raise
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -60,6 +113,18 @@ def replace_dir(tmp: Path, target: Path) -> None:
     os.replace(tmp, target)
     if old.exists():
         shutil.rmtree(old)
+
+
+def rotate_dir(tmp: Path, target: Path) -> None:
+    """Swap a completed folder ``tmp`` in for ``target`` and keep the previous ``target`` as
+    ``<target>.old`` (the copy before it is removed): a damaged ``target`` then still has a
+    good predecessor. A kill at any point leaves ``target`` or ``<target>.old`` complete."""
+    old = aside(target)
+    if target.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(target, old)
+    os.replace(tmp, target)
 
 
 def aside(target: Path) -> Path:

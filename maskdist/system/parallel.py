@@ -16,6 +16,7 @@ exit by themselves. Commands maskdist launches (``accelerate launch`` in ``kfold
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import multiprocessing
 import os
@@ -51,6 +52,51 @@ def start_forkserver(preload: tuple[str, ...] = LOADER_MODULES) -> None:
         from multiprocessing import forkserver
 
         forkserver.ensure_running()
+
+
+SHUTDOWN_WAIT_S = 3.0
+
+
+def shutdown() -> None:
+    """Stop the forkserver, if this process started it, and wait (up to SHUTDOWN_WAIT_S) for
+    it to end: a normal exit then leaves no process of its own behind (it would otherwise
+    linger for a moment after the command returned). It ends when its last user closes its
+    pipe: a worker still alive (an error path that left a loader open) keeps it up, and then
+    it is left to end with that worker, which follows its owner out; this never blocks.
+    multiprocessing's resource tracker is left alone: the interpreter's exit handlers still
+    need it to release semaphores, and it ends with this process."""
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    # multiprocessing keeps these private; their public stop methods wait without a limit
+    if server is not None and _close_and_reap(server, "_forkserver_alive_fd", "_forkserver_pid"):
+        address = getattr(server, "_forkserver_address", None)
+        if address and not address.startswith("\0"):
+            with contextlib.suppress(OSError):
+                os.unlink(address)
+        server._forkserver_address = None
+
+
+def _close_and_reap(helper, fd_attr: str, pid_attr: str) -> bool:
+    """Close ``helper``'s pipe to its process and reap that process if it ends in time."""
+    fd, pid = getattr(helper, fd_attr, None), getattr(helper, pid_attr, None)
+    if fd is None or pid is None:
+        return False
+    with contextlib.suppress(OSError):
+        os.close(fd)
+    setattr(helper, fd_attr, None)
+    deadline = time.monotonic() + SHUTDOWN_WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            done, _status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            setattr(helper, pid_attr, None)
+            return True
+        time.sleep(0.02)
+    setattr(helper, pid_attr, None)  # not ours to wait for any longer
+    return False
 
 
 def _wait_for_exit(pid: int) -> None:

@@ -57,8 +57,13 @@ def model_card(architecture: str, resize: int, crop: int, mean, std, age_cut: in
 
 
 def save(run_dir: Path, model: nn.Module, card: dict) -> None:
-    """Write the weights, then the card; each atomically (a kill keeps the previous pair)."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    """Write the weights, then the card; each atomically (a kill keeps the previous pair).
+
+    The weights are the plain module's (under any DDP or ``torch.compile`` wrapper), so their
+    names are the architecture's own and :func:`load` fits them into a fresh model."""
+    from maskdist.model.factory import plain_module
+
+    state = {k: v.detach().contiguous().cpu() for k, v in plain_module(model).state_dict().items()}
     with atomic_path(run_dir / WEIGHTS) as tmp:
         save_file(state, str(tmp), metadata={"format": FORMAT, "epoch": str(card["epoch"])})
     atomic_write_json(run_dir / MODEL_JSON, card)
@@ -86,7 +91,7 @@ def read_card(run_dir: Path) -> dict:
 
 def load(run_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
     """The model of a run folder (eval mode) and its card."""
-    from maskdist.model.factory import create_model
+    from maskdist.model.factory import create_model, strip_wrapper_prefixes
 
     run_dir = Path(run_dir)
     card = read_card(run_dir)
@@ -96,7 +101,7 @@ def load(run_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, 
     model = create_model(card["architecture"], card["num_classes"], card.get("drop_rate", 0.0), warn_random=False,
                          heads=card.get("heads", "single"))  # cards before part heads have none
     try:
-        state = load_file(str(weights), device="cpu")
+        state = strip_wrapper_prefixes(load_file(str(weights), device="cpu"))
     except (SafetensorError, OSError) as err:
         raise MaskdistError(f"{weights} cannot be read ({err}): retrain the fold") from None
     try:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from tqdm.auto import tqdm
 
 from maskdist.train import monitor
-from maskdist.train.meters import EpochTally, WindowMeter, fold_window, memory_scalars
+from maskdist.train.meters import MEMORY_EVERY_S, EpochTally, PendingFigures, WindowMeter, fold_window, memory_scalars, settle
 from maskdist.train.preemption import Decision, Preempted, Preemption
 from maskdist.train.run import Run
 from maskdist.train.step import train_step
@@ -29,6 +29,7 @@ def train_epoch(run: Run, epoch: int, tally: EpochTally, first_step: int = 0, pr
     window = WindowMeter(accelerator.device)
     bar = tqdm(total=steps, initial=first_step, desc=f"epoch {epoch}", disable=None if run.main else True,
                dynamic_ncols=True, leave=False)
+    log = _WindowLog(run, tally, bar)
     batches = iter(run.train_data)
     step, wanted = first_step, None  # wanted: a save (or stop) decided, waiting for its step
     try:
@@ -48,19 +49,8 @@ def train_epoch(run: Run, epoch: int, tally: EpochTally, first_step: int = 0, pr
             step += 1
             # Every rank reaches the same steps (equal step counts), so the reduce cannot hang.
             if (global_step + 1) % cfg.log_every == 0 or step == steps:
-                figures = fold_window(window, tally, accelerator)
+                log.add(fold_window(window, tally, accelerator), global_step + 1)
                 window = WindowMeter(accelerator.device)
-                if run.main and run.writer is not None:
-                    accelerator.log(monitor.scalars({
-                        "train/loss": figures["loss"], "train/lr": run.optimizer.param_groups[0]["lr"],
-                        "train/images_per_s": figures["images_per_s"],
-                        "train/images_per_s_per_process": figures["images_per_s_per_process"],
-                        "train/data_wait_frac": figures["data_wait_frac"], "train/step_s": figures["step_s"],
-                        "train/grad_norm": figures["grad_norm"],
-                    } | memory_scalars(accelerator.device, run.train_data)), step=global_step + 1)
-                if run.main:
-                    bar.set_postfix(loss=f"{figures['loss']:.3f}", img_s=f"{figures['images_per_s']:.0f}",
-                                    wait=f"{100 * figures['data_wait_frac']:.0f}%")
             bar.update(1)
             if preemption is not None:
                 wanted = _merge(wanted, preemption.after_step(global_step + 1))
@@ -68,16 +58,54 @@ def train_epoch(run: Run, epoch: int, tally: EpochTally, first_step: int = 0, pr
             # (Every rank counts the same steps, so every rank acts on the same one.)
             if wanted is not None and step % cfg.grad_accum == 0:
                 if window.steps:  # the open window goes into the tally the state keeps
-                    fold_window(window, tally, accelerator)
+                    settle(fold_window(window, tally, accelerator), tally)
                     window = WindowMeter(accelerator.device)
+                log.flush()  # the tally the state keeps is complete
                 save(epoch, step, f"on {wanted.signal_name}" if wanted.stop else "periodic")
                 if wanted.stop:
                     raise Preempted(f"stopped on {wanted.signal_name} at epoch {epoch} step {step} with its state saved:"
                                     " `--resume` continues from the next batch")
                 wanted = None
+        log.flush()
     finally:
         bar.close()
     return tally
+
+
+class _WindowLog:
+    """Logs each window's figures once they have arrived: at once on a CPU, one window later
+    on CUDA (see :meth:`WindowMeter.start_reduce`), and all of them at :meth:`flush`."""
+
+    def __init__(self, run: Run, tally: EpochTally, bar):
+        self.run, self.tally, self.bar = run, tally, bar
+        self.pending: list[tuple[PendingFigures, int, float, dict]] = []
+        self.memory_read = -float("inf")
+
+    def add(self, pending: PendingFigures, step: int) -> None:
+        run = self.run
+        memory = {}
+        if run.main and run.writer is not None and time.monotonic() - self.memory_read >= MEMORY_EVERY_S:
+            memory, self.memory_read = memory_scalars(run.accelerator.device, run.train_data), time.monotonic()
+        self.pending.append((pending, step, run.optimizer.param_groups[0]["lr"], memory))
+        while len(self.pending) > 1 or (self.pending and self.pending[0][0].event is None):
+            self._write(*self.pending.pop(0))
+
+    def flush(self) -> None:
+        while self.pending:
+            self._write(*self.pending.pop(0))
+
+    def _write(self, pending: PendingFigures, step: int, lr: float, memory: dict) -> None:
+        run, figures = self.run, settle(pending, self.tally)
+        if run.main and run.writer is not None:
+            run.accelerator.log(monitor.scalars({
+                "train/loss": figures["loss"], "train/lr": lr, "train/images_per_s": figures["images_per_s"],
+                "train/images_per_s_per_process": figures["images_per_s_per_process"],
+                "train/data_wait_frac": figures["data_wait_frac"], "train/step_s": figures["step_s"],
+                "train/grad_norm": figures["grad_norm"],
+            } | memory), step=step)
+        if run.main:
+            self.bar.set_postfix(loss=f"{figures['loss']:.3f}", img_s=f"{figures['images_per_s']:.0f}",
+                                 wait=f"{100 * figures['data_wait_frac']:.0f}%")
 
 
 def _merge(wanted: Decision | None, decision: Decision) -> Decision | None:

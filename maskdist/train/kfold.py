@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -24,7 +25,10 @@ from maskdist.config import TTAS, WEIGHTINGS
 from maskdist.errors import MaskdistError
 from maskdist.shards.manifest import open_shard_set
 from maskdist.system import parallel
-from maskdist.train.state import fold_finished, has_state
+from maskdist.system.lock import FolderLock, child_env
+from maskdist.train.checkpoint import CONFIG
+from maskdist.train.folder import PLAN, read_plan, write_plan
+from maskdist.train.state import fold_finished, has_state, read_config
 
 PLANS = "plans"  # OUT/plans/fold<K>.yaml: the configuration each fold was launched with
 
@@ -44,16 +48,27 @@ class KFoldPlan:
     accelerate_config: str | None = None
     submission: Path | None = None
     env: dict = field(default_factory=dict)
+    full: bool = False  # also the full-data model (OUT/all), after the folds
 
     def __post_init__(self):
         if self.tta not in TTAS or self.weighting not in WEIGHTINGS:
             raise MaskdistError(f"kfold: tta {self.tta!r} / weights {self.weighting!r}: expected one of {TTAS} / {WEIGHTINGS}")
 
-    def fold_config(self, fold: int) -> config_mod.TrainConfig:
-        """The configuration fold ``fold`` trains with."""
-        base = self.train or config_mod.load(None, {"shards": self.shards})
-        run_dir = Path(self.out) / f"fold{fold}"
-        return dataclasses.replace(base, shards=self.shards, out=str(self.out), fold=int(fold), resume=has_state(run_dir))
+    def base_config(self) -> config_mod.TrainConfig:
+        return self.train or config_mod.load(None, {"shards": self.shards})
+
+    def fold_config(self, fold: int | str) -> config_mod.TrainConfig:
+        """The configuration fold ``fold`` trains with: the plan's, resumed where a state is
+        saved; with ``replan``, a fold trained otherwise than the new plan starts again. The
+        full-data model (``"all"``) takes its epochs from the folds."""
+        base = self.base_config()
+        full = str(fold) == config_mod.FULL_DATA
+        cfg = dataclasses.replace(base, shards=self.shards, out=str(self.out), fold=str(fold), replan=False,
+                                  epochs_from=str(self.out) if full else "")
+        run_dir = cfg.run_dir()
+        overwrite = base.replan and (run_dir / CONFIG).is_file() and bool(
+            config_mod.differences(read_config(run_dir / CONFIG), base, ignore=("epochs",) if full else ()))
+        return dataclasses.replace(cfg, resume=has_state(run_dir) and not overwrite, overwrite=overwrite)
 
 
 def free_port() -> int:
@@ -83,36 +98,138 @@ def launch_command(plan: KFoldPlan, processes: int, module_args: Sequence[str]) 
 
 def launch_env(plan: KFoldPlan, devices: Sequence[str] | None = None) -> dict:
     env = dict(os.environ)
-    env.update(plan.env)
+    env.update(launch_env_changes(plan, devices))
+    return env
+
+
+def launch_env_changes(plan: KFoldPlan, devices: Sequence[str] | None = None) -> dict:
+    """What a launch sets in the environment on top of this process's."""
+    env = dict(plan.env)
     if plan.cpu:
         env["ACCELERATE_USE_CPU"] = "1"  # the only way accelerate starts CPU DDP with several processes
-        env.setdefault("OMP_NUM_THREADS", "1")
+        env.setdefault("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
     if devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
     return env
 
 
+def visible_gpus() -> list[str]:
+    """The GPU ids this process may use: ``CUDA_VISIBLE_DEVICES`` as given (ids or UUIDs), or
+    every device CUDA counts when it is unset."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [d.strip() for d in listed.split(",") if d.strip() and d.strip() != "-1"]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def device_slots(plan: KFoldPlan, dry_run: bool = False) -> list[list[str] | None]:
+    """The GPUs of each of the plan's parallel slots (None: the launch's own default).
+
+    Each slot gets ``processes`` GPUs of its own, from ``--gpus`` or else from the visible
+    devices, so parallel folds never pile onto GPU 0. Refuses, in one line, a plan the GPUs
+    cannot hold, and GPU processes on a machine without GPUs (``--cpu`` is the answer);
+    ``dry_run`` only notes the latter, so a plan can be checked on a machine without GPUs.
+    """
+    slots = max(1, plan.parallel_folds)
+    if plan.cpu:
+        return [None] * slots
+    pool = list(plan.gpus) or visible_gpus()
+    need = slots * plan.processes
+    if not pool:
+        if need > 1 and not dry_run:
+            raise MaskdistError(f"--processes {plan.processes} x --parallel-folds {slots} asks for GPUs, and this machine has"
+                                " none that CUDA can use: add --cpu to train on CPU processes (gloo)")
+        return [None] * slots
+    if len(pool) < need:
+        raise MaskdistError(f"--parallel-folds {slots} x --processes {plan.processes} needs {need} GPUs; {len(pool)} available"
+                            f" ({','.join(pool)}): lower --parallel-folds or --processes, or list more with --gpus")
+    if slots == 1 and not plan.gpus:
+        return [None]  # one fold at a time on the launch's own view of the devices
+    return [pool[s * plan.processes:(s + 1) * plan.processes] for s in range(slots)]
+
+
 def write_fold_plan(plan: KFoldPlan, fold: int) -> Path:
     """Write fold ``fold``'s configuration as YAML for its launch; returns the path."""
-    path = Path(plan.out) / PLANS / f"fold{fold}.yaml"
+    path = fold_plan_path(plan, fold)
     config_mod.save(plan.fold_config(fold), path)
     return path
 
 
-def train_folds(plan: KFoldPlan, echo: Callable[[str], None] = print) -> list[int]:
-    """Train the plan's folds (skipping finished ones); returns the folds trained now."""
+def fold_plan_path(plan: KFoldPlan, fold: int | str) -> Path:
+    name = config_mod.FULL_DATA if str(fold) == config_mod.FULL_DATA else f"fold{fold}"
+    return Path(plan.out) / PLANS / f"{name}.yaml"
+
+
+def train_full(plan: KFoldPlan, echo: Callable[[str], None], lock: FolderLock) -> None:
+    """Train the full-data model (``OUT/all``) for the median best epoch of the folds just
+    trained; a finished one that matches the plan is reused."""
+    cfg = plan.fold_config(config_mod.FULL_DATA)
+    if fold_finished(cfg.run_dir()) and not cfg.overwrite:
+        echo(f"full-data model: finished earlier, reusing {cfg.run_dir()}")
+        return
+    path = fold_plan_path(plan, config_mod.FULL_DATA)
+    config_mod.save(cfg, path)
+    echo(f"full-data model: training on every fold, {plan.processes} process(es)")
+    result = subprocess.run(launch_command(plan, plan.processes, ["train", "--config", str(path)]),
+                            env=child_env(launch_env(plan, device_slots(plan)[0]), lock), preexec_fn=parallel.die_with_parent())
+    if result.returncode != 0:
+        raise MaskdistError(f"the full-data model failed (exit {result.returncode}): see the output above; re-run the same"
+                            " command to resume")
+
+
+def check_plan(plan: KFoldPlan) -> None:
+    """The experiment's plan and this kfold's training settings must agree (one line listing
+    the differences), unless ``--replan`` is given; see :mod:`maskdist.train.folder`."""
+    base = plan.base_config()
+    saved = read_plan(plan.out)
+    if saved is not None and not base.replan:
+        changed = config_mod.differences(saved, base)
+        if changed:
+            raise MaskdistError(f"{plan.out} was planned with other training settings ({Path(plan.out) / PLAN}):"
+                                f" {'; '.join(changed)}; use the plan's settings, or pass --replan to retrain the folds"
+                                " that differ with these")
+
+
+def folds_to_train(plan: KFoldPlan, echo: Callable[[str], None] = print) -> tuple[list[int], list[int]]:
+    """(the plan's folds, those of them still to train); finished folds that match the plan
+    are reused."""
     shard_set = open_shard_set(plan.shards)
     folds = list(plan.folds) if plan.folds is not None else list(range(shard_set.folds))
+    for fold in folds:
+        shard_set.check_fold(fold, "--folds")
     todo = []
     for fold in folds:
         run_dir = Path(plan.out) / f"fold{fold}"
-        if fold_finished(run_dir):
+        if fold_finished(run_dir) and not plan.fold_config(fold).overwrite:
             echo(f"fold {fold}: finished earlier, reusing {run_dir}")
         else:
             todo.append(fold)
-    slots = max(1, plan.parallel_folds)
-    if slots > 1 and plan.gpus and len(plan.gpus) < slots * plan.processes:
-        raise MaskdistError(f"--parallel-folds {slots} x --processes {plan.processes} needs {slots * plan.processes} GPUs; {len(plan.gpus)} given")
+    return folds, todo
+
+
+def describe_launches(plan: KFoldPlan, echo: Callable[[str], None] = print) -> list[int]:
+    """Print what :func:`train_folds` would launch, fold by fold (``kfold --dry-run``)."""
+    _folds, todo = folds_to_train(plan, echo)
+    slots = device_slots(plan, dry_run=True)
+    if not plan.cpu and not visible_gpus() and not plan.gpus:
+        echo("note: no GPU is visible here; on this machine the launches would need --cpu")
+    for i, fold in enumerate(todo):
+        devices = slots[i % len(slots)]
+        env = launch_env_changes(plan, devices)
+        command = launch_command(plan, plan.processes, ["train", "--config", str(fold_plan_path(plan, fold))])
+        prefix = " ".join(f"{k}={v}" for k, v in sorted(env.items()))
+        echo(f"fold {fold}: {prefix + ' ' if prefix else ''}{shlex.join(command)}")
+    return todo
+
+
+def train_folds(plan: KFoldPlan, echo: Callable[[str], None] = print, lock: FolderLock | None = None) -> list[int]:
+    """Train the plan's folds (skipping finished ones); returns the folds trained now.
+    ``lock``: the experiment's, which the fold launches work under."""
+    _folds, todo = folds_to_train(plan, echo)
+    slot_devices = device_slots(plan)
+    slots = len(slot_devices)
     running: list[tuple[int, subprocess.Popen, int]] = []
     failures = []
 
@@ -130,12 +247,11 @@ def train_folds(plan: KFoldPlan, echo: Callable[[str], None] = print) -> list[in
                 free_slots.append(wait_one())
             slot = free_slots.pop(0)
             fold_plan = write_fold_plan(plan, fold)
-            devices = None
-            if plan.gpus and slots > 1:
-                devices = list(plan.gpus[slot * plan.processes:(slot + 1) * plan.processes])
+            devices = slot_devices[slot]
             echo(f"fold {fold}: training on {plan.processes} process(es)" + (f", devices {','.join(devices)}" if devices else ""))
             proc = subprocess.Popen(launch_command(plan, plan.processes, ["train", "--config", str(fold_plan)]),
-                                    env=launch_env(plan, devices), preexec_fn=parallel.die_with_parent())
+                                    env=child_env(launch_env(plan, devices), *([lock] if lock else [])),
+                                    preexec_fn=parallel.die_with_parent())
             running.append((fold, proc, slot))
             if slots == 1:
                 wait_one()
@@ -152,15 +268,44 @@ def train_folds(plan: KFoldPlan, echo: Callable[[str], None] = print) -> list[in
     return todo
 
 
-def run(plan: KFoldPlan, echo: Callable[[str], None] = print) -> Path:
-    """Train all folds, then write the ensemble's submission with ``predict``."""
-    train_folds(plan, echo)
+def unfinished_folds(plan: KFoldPlan) -> list[int]:
+    """Folds of the shard set that have not finished training in ``plan.out``."""
+    shard_set = open_shard_set(plan.shards)
+    return [k for k in range(shard_set.folds) if not fold_finished(Path(plan.out) / f"fold{k}")]
+
+
+def run(plan: KFoldPlan, echo: Callable[[str], None] = print) -> Path | None:
+    """Train the plan's folds, then, once every fold of the set is finished, write the
+    ensemble's submission with ``predict``; returns it, or None while folds are left (a
+    ``--folds`` subset: the other folds may be training on other machines).
+
+    The experiment's lock is held throughout (a ``train`` or another ``kfold`` into it is
+    refused), and the plan is checked (or, with ``--replan``, rewritten) before any launch."""
+    check_plan(plan)
+    device_slots(plan)  # refuse a plan the machine cannot run before writing anything
+    with FolderLock(plan.out).acquire(wait_s=plan.base_config().lock_wait_s) as lock:
+        if read_plan(plan.out) is None or plan.base_config().replan:
+            write_plan(plan.out, plan.base_config())
+        return _train_then_predict(plan, echo, lock)
+
+
+def _train_then_predict(plan: KFoldPlan, echo: Callable[[str], None], lock: FolderLock) -> Path | None:
+    train_folds(plan, echo, lock)
+    left = unfinished_folds(plan)
+    if left:
+        echo(f"fold(s) {', '.join(map(str, left))} of {plan.out} are still to train: the ensemble predicts once every fold"
+             " is finished (train them with --folds, here or on other machines, then run kfold again)")
+        return None
+    if plan.full:
+        train_full(plan, echo, lock)
     submission = plan.submission or Path(plan.out) / "submission.csv"
     args = ["predict", str(plan.out), "--shards", plan.shards, "--out", str(submission), "--tta", plan.tta, "--weights", plan.weighting]
-    if plan.train is not None:
-        args += ["--timeout-s", str(plan.train.timeout_s)]
+    if plan.train is not None:  # predict as the folds trained: their precision, batch size and workers
+        args += ["--timeout-s", str(plan.train.timeout_s), "--precision", plan.train.precision,
+                 "--batch-size", str(plan.train.batch_size), "--workers", str(plan.train.workers)]
     echo(f"predicting with the ensemble on {plan.processes} process(es)")
-    result = subprocess.run(launch_command(plan, plan.processes, args), env=launch_env(plan), preexec_fn=parallel.die_with_parent())
+    result = subprocess.run(launch_command(plan, plan.processes, args),
+                            env=child_env(launch_env(plan, device_slots(plan)[0]), lock), preexec_fn=parallel.die_with_parent())
     if result.returncode != 0:
         raise MaskdistError("prediction failed: see the output above")
     return submission

@@ -4,7 +4,8 @@ Three things ask for a mid-epoch save: every ``checkpoint_every`` steps, every
 ``checkpoint_minutes`` of wall time, and a stop signal (``SIGTERM``, or ``SIGUSR1``, which
 SLURM sends ahead of a preemption with ``--signal``). A signal asks for a save *and* a stop:
 the trainer finishes its step, saves, and exits with :data:`PREEMPTED_EXIT`; ``--resume``
-continues from the next batch.
+continues from the next batch. Ctrl-C (``SIGINT``) is a stop signal too; pressed again, it
+stops the run at once.
 
 Every rank must save and stop after the same step (saving runs collectives, and a rank that
 stopped early would leave the others waiting in their next all-reduce). Step counts agree by
@@ -25,11 +26,13 @@ import time
 from dataclasses import dataclass
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped on request, resumable; documented in docs/training.md
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 # Signals this soon after the first are the same request delivered twice (the scheduler
 # signals every process of a job and the launcher forwards its own copy); a later one means
-# "stop now".
+# "stop now". Ctrl-C reaches a rank from the terminal and, within milliseconds, again from
+# the launcher; a person's second press comes later.
 REPEAT_GRACE_S = 10.0
+REPEAT_GRACE_SIGINT_S = 1.0
 
 
 class Preempted(Exception):
@@ -76,20 +79,23 @@ class Preemption:
 
     def _on_signal(self, signum, _frame) -> None:
         if self.signal_name:
-            if time.monotonic() - self._asked_at < REPEAT_GRACE_S:
+            grace = REPEAT_GRACE_SIGINT_S if signum == signal.SIGINT else REPEAT_GRACE_S
+            if time.monotonic() - self._asked_at < grace:
                 return  # the same request, delivered twice
             signal.signal(signum, signal.SIG_DFL)  # the user insists, or the run is stuck: go now
             os.kill(os.getpid(), signum)
             return
-        self.request(signal.Signals(signum).name, f"{signal.Signals(signum).name} received")
+        name = signal.Signals(signum).name
+        self.request(name, "Ctrl-C (SIGINT) received" if signum == signal.SIGINT else f"{name} received")
 
     def request(self, name: str, why: str) -> None:
         """Ask for a save and a stop after the current step (a signal, or the launcher's death)."""
         if self.signal_name:
             return
         self.signal_name, self._asked_at = name, time.monotonic()
-        print(f"{why}: saving a resumable state after this step, then stopping (the same signal again more than"
-              f" {REPEAT_GRACE_S:.0f} s later stops at once)", file=sys.stderr, flush=True)
+        again = "Ctrl-C again stops at once" if name == "SIGINT" else \
+            f"the same signal again more than {REPEAT_GRACE_S:.0f} s later stops at once"
+        print(f"{why}: saving a resumable state after this step, then stopping ({again})", file=sys.stderr, flush=True)
 
     # --- decisions ------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@ both loaders, made once by :func:`setup` into a :class:`Run`.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,11 +16,13 @@ from maskdist import config as config_mod, streams
 from maskdist.data import transforms
 from maskdist.model import losses
 from maskdist.model.ema import Ema
-from maskdist.model.factory import create_model, normalisation, prepare_for_device
+from maskdist.model.factory import create_model, normalisation, plain_module, prepare_for_device
 from maskdist.model.mixing import Mixer
+from maskdist.shards import crop as face_crop
 from maskdist.shards.manifest import open_shard_set
 from maskdist.shards.opener import RetryPolicy
 from maskdist.system import distributed
+from maskdist.train import checkpoint
 from maskdist.train.schedule import WarmRestarts, scaled_lr
 from maskdist.train.step import make_optimizer
 
@@ -35,13 +38,14 @@ class Run:
     shard_set: object
     train_folds: list[int]
     counts: list[int]
-    model: torch.nn.Module
+    model: torch.nn.Module  # what the step runs: DDP-prepared, then compiled with --compile
+    module: torch.nn.Module  # the plain module under it: saved, averaged into the EMA, validated
     optimizer: torch.optim.Optimizer
     loss_fn: torch.nn.Module
     schedule: WarmRestarts
     base_lr: float
     train_data: streams.StreamLoader
-    val_loader: streams.StreamLoader
+    val_loader: streams.StreamLoader | None  # None for the full-data model (--fold all): nothing is held out
     mean: tuple
     std: tuple
     channels_last: bool
@@ -72,7 +76,8 @@ class Run:
         if self.batch_log is not None:
             self.batch_log.close()
         self.train_data.close()
-        self.val_loader.close()
+        if self.val_loader is not None:
+            self.val_loader.close()
 
 
 def make_train_loader(cfg: config_mod.TrainConfig, shard_set, train_folds: list[int], accelerator: Accelerator,
@@ -84,18 +89,27 @@ def make_train_loader(cfg: config_mod.TrainConfig, shard_set, train_folds: list[
         world_size=accelerator.num_processes, workers=cfg.workers if workers is None else workers, seed=cfg.seed,
         alpha=cfg.alpha, transform=transforms.build_transform(cfg.augment, cfg.resize, cfg.crop),
         shuffle_buffer=cfg.shuffle_buffer, max_skipped=cfg.max_skipped, pin_memory=accelerator.device.type == "cuda",
+        channels_last=accelerator.device.type == "cuda",
     )
 
 
-def setup(cfg: config_mod.TrainConfig, log_dir: Path | None = None) -> Run:
-    """The accelerator, shard set, model, loss, optimiser, schedule and both loaders of a fold.
+def make_accelerator(cfg: config_mod.TrainConfig, log_dir: Path | None = None) -> Accelerator:
+    """The fold's accelerator; ``log_dir``: where TensorBoard logs go (trackers start in
+    :func:`maskdist.train.loop.train`); None: no logging."""
+    return distributed.make_accelerator(cfg.precision, cfg.timeout_s, cfg.grad_accum, log_dir=log_dir,
+                                        static_graph=not cfg.compile)
 
-    ``log_dir``: where TensorBoard logs go (trackers start in :func:`train`); None: no logging.
-    """
-    accelerator = distributed.make_accelerator(cfg.precision, cfg.timeout_s, cfg.grad_accum, log_dir=log_dir)
+
+def setup(cfg: config_mod.TrainConfig, log_dir: Path | None = None, accelerator: Accelerator | None = None) -> Run:
+    """The shard set, model, loss, optimiser, schedule and both loaders of a fold, on
+    ``accelerator`` (made from ``cfg`` when None, logging under ``log_dir``)."""
+    accelerator = accelerator or make_accelerator(cfg, log_dir)
     rank, world = accelerator.process_index, accelerator.num_processes
     shard_set = open_shard_set(cfg.shards, RetryPolicy(cfg.read_tries, cfg.read_backoff_s))
-    train_folds = streams.folds_except(shard_set, cfg.fold, "--fold")
+    if cfg.resume and (cfg.run_dir() / checkpoint.MODEL_JSON).is_file():  # a resumed fold keeps the crop its model learned
+        face_crop.check_same(face_crop.policy_of(checkpoint.read_card(cfg.run_dir())), face_crop.policy_of(shard_set.manifest),
+                             f"{cfg.run_dir()} was trained on", cfg.shards, "start a new run (another --out)")
+    train_folds = list(range(shard_set.folds)) if cfg.full_data else streams.folds_except(shard_set, cfg.fold_number, "--fold")
     counts = shard_set.class_counts(train_folds)
 
     set_seed(cfg.seed)  # same init on every rank; the streams seed per rank and worker themselves
@@ -103,7 +117,7 @@ def setup(cfg: config_mod.TrainConfig, log_dir: Path | None = None) -> Run:
                          warn_random=accelerator.is_main_process, drop_path_rate=cfg.drop_path, heads=cfg.heads)
     mean, std = normalisation(model)
     channels_last = accelerator.device.type == "cuda"
-    model = prepare_for_device(model, accelerator.device, cfg.compile)
+    model = prepare_for_device(model, accelerator.device)
     loss_fn = losses.make_loss(cfg.loss, counts, cfg.class_weights, cfg.gamma, cfg.label_smoothing, f1_weight=cfg.f1_weight,
                                heads=cfg.heads).to(accelerator.device)
     mixer = Mixer(cfg.mixup, cfg.cutmix, cfg.label_smoothing)
@@ -114,15 +128,24 @@ def setup(cfg: config_mod.TrainConfig, log_dir: Path | None = None) -> Run:
     eval_tf = transforms.build_transform("none", cfg.resize, cfg.crop)
     train_data, train_steps = make_train_loader(cfg, shard_set, train_folds, accelerator)
     steps_per_epoch = min(cfg.max_steps, train_steps) if cfg.max_steps else train_steps
-    val_loader = streams.eval_loader(shard_set, fold=cfg.fold, batch_size=cfg.batch_size, rank=rank, world_size=world,
-                                    workers=cfg.workers, transform=eval_tf, pin_memory=accelerator.device.type == "cuda")
+    # Validation workers start for each pass and exit after it: idle all epoch otherwise.
+    val_loader = None if cfg.full_data else streams.eval_loader(
+        shard_set, fold=cfg.fold_number, batch_size=cfg.batch_size, rank=rank, world_size=world, workers=cfg.validation_workers(),
+        transform=eval_tf, pin_memory=channels_last, channels_last=channels_last, persistent=False)
+
+    # Before any worker starts: the batches of every local process must fit in /dev/shm.
+    streams.check_shared_memory([loader for loader in (train_data, val_loader) if loader is not None],
+                                processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
     base_lr = scaled_lr(cfg.lr, cfg.batch_size * world * cfg.grad_accum, cfg.base_batch)
-    optimizer = make_optimizer(cfg, model, base_lr)
+    optimizer = make_optimizer(cfg, model, base_lr, fused=accelerator.device.type == "cuda")
     schedule = WarmRestarts(base_lr, cfg.epochs, cfg.warmup_epochs, cfg.restart_epochs, cfg.restart_mult, cfg.min_lr)
     model, optimizer = accelerator.prepare(model, optimizer)
-    ema = Ema(accelerator.unwrap_model(model, keep_torch_compile=False), cfg.ema_decay, warmup=True) if cfg.ema_decay else None
-    return Run(cfg, accelerator, shard_set, train_folds, counts, model, optimizer, loss_fn, schedule, base_lr,
+    module = plain_module(model)
+    ema = Ema(module, cfg.ema_decay, warmup=True) if cfg.ema_decay else None
+    if cfg.compile:  # after prepare: DDP's all-reduce then overlaps the compiled backward
+        model = torch.compile(model)
+    return Run(cfg, accelerator, shard_set, train_folds, counts, model, module, optimizer, loss_fn, schedule, base_lr,
                train_data, val_loader, mean, std, channels_last, steps_per_epoch, max(1, steps_per_epoch // cfg.grad_accum),
                mixer if mixer.enabled else None, ema)
 

@@ -9,17 +9,22 @@ from accelerate import Accelerator
 from maskdist import config as config_mod
 from maskdist.data import transforms
 from maskdist.model.ema import Ema
+from maskdist.model.factory import plain_module
 from maskdist.model.mixing import Mixer
 
 
-def make_optimizer(cfg: config_mod.TrainConfig, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    # No weight decay on biases and norm parameters (1-d tensors), as timm does.
+def make_optimizer(cfg: config_mod.TrainConfig, model: torch.nn.Module, lr: float, fused: bool = False) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov) or AdamW; no weight decay on biases and norm parameters
+    (1-d tensors), as timm does. ``fused`` (CUDA): one kernel for the whole update, and fp16's
+    GradScaler then unscales and skips inside it instead of reading ``found_inf`` on the
+    host every step."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = {"fused": True} if fused else {}
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
-    return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0, **kwargs)
+    return torch.optim.AdamW(groups, lr=lr, **kwargs)
 
 
 def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
@@ -46,6 +51,7 @@ def train_step(accelerator: Accelerator, model, optimizer, loss_fn, batch: dict,
     if mixer is not None:
         x, y = mixer(x, y)
     grad_norm = None
+    module = plain_module(model)  # the EMA follows the plain weights (not a DDP or compiled wrapper)
     with accelerator.accumulate(model):
         with accelerator.autocast():
             logits = model(x)
@@ -63,5 +69,5 @@ def train_step(accelerator: Accelerator, model, optimizer, loss_fn, batch: dict,
         optimizer.zero_grad(set_to_none=True)
         if ema is not None and accelerator.sync_gradients:
             # every rank holds the same weights after a DDP step, so every rank's EMA is the same
-            ema.update(accelerator.unwrap_model(model), optimizer_step)
+            ema.update(module, optimizer_step)
     return loss.detach(), grad_norm

@@ -46,25 +46,37 @@ def oof_frame(predictions: pd.DataFrame, fold: int) -> pd.DataFrame:
     return out
 
 
-def sync_ema_buffers(run: Run) -> None:
-    """Average the EMA's buffers (BatchNorm statistics) over ranks, as timm's distribute_bn
-    does at each epoch's end. The EMA's weights are equal on every rank (DDP keeps the live
-    weights equal); its buffers follow each rank's own batches within an epoch."""
-    if run.ema is None or run.accelerator.num_processes == 1:
+def sync_buffers(run: Run) -> None:
+    """Average the floating-point buffers (BatchNorm statistics) of the live model and of the
+    EMA over the ranks, as timm's ``distribute_bn`` does at each epoch's end.
+
+    DDP keeps the weights equal but broadcasts buffers only at a forward's start, so after
+    the last step each rank holds the statistics of its own batches: without this, each rank
+    would validate its share with other statistics, and ``best.safetensors`` would hold rank
+    0's. One all-reduce per model, of all its buffers flattened together.
+    """
+    if run.accelerator.num_processes == 1:
         return
     import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+    models = [run.module] + ([run.ema.module] if run.ema is not None else [])
     with torch.no_grad():
-        for buffer in run.ema.module.buffers():
-            if buffer.is_floating_point():
-                dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
-                buffer /= run.accelerator.num_processes
+        for model in models:
+            buffers = [b for b in model.buffers() if b.is_floating_point()]
+            if not buffers:
+                continue
+            flat = _flatten_dense_tensors(buffers)
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat /= run.accelerator.num_processes
+            for buffer, averaged in zip(buffers, _unflatten_dense_tensors(flat, buffers)):
+                buffer.copy_(averaged)
 
 
 def validate(run: Run, epoch: int) -> dict[str, tuple[pd.DataFrame, metrics.Scores]]:
     """Every validation sample once (gathered by key) and its scores on the true labels, for
     the live weights (``"live"``) and, when kept, the EMA weights (``"ema"``)."""
-    models = {"live": run.accelerator.unwrap_model(run.model)}
+    models = {"live": run.module}  # the plain module: no DDP collective, no recompilation
     if run.ema is not None:
         models["ema"] = run.ema.module
     out = {}

@@ -1,0 +1,87 @@
+"""The full-data model (--fold all): every fold's samples, no validation and no OOF, its epoch
+count from the folds' best epochs, a mid-epoch resume as a fold has, and the experiment's
+out-of-fold figures untouched by it. A real k-fold experiment and real processes."""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import statistics
+import subprocess
+import sys
+
+import pandas as pd
+import procs
+import pytest
+from conftest import launch_env
+
+from maskdist.infer import scoring
+from maskdist.train.preemption import PREEMPTED_EXIT
+
+FAST = ["--model", "test_efficientnet", "--resize", "64", "--crop", "48", "--batch-size", "8", "--workers", "1",
+        "--max-steps", "4", "--lr", "0.2", "--timeout-s", "120"]
+
+
+@pytest.fixture(scope="module")
+def experiment(small_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "runs"
+    cmd = [sys.executable, "-m", "maskdist", "kfold", "--shards", str(small_shards), "--out", str(out), "--cpu", "--epochs", "3",
+           *FAST]
+    result = subprocess.run(cmd, env=launch_env(out.parent), capture_output=True, text=True, timeout=600, cwd=out.parent)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return out
+
+
+@pytest.mark.xdist_group("full-data")
+@pytest.mark.duration(60)
+def test_the_full_data_model_trains_on_every_fold_for_the_folds_epochs_and_resumes(experiment, small_shards, tmp_path):
+    before = scoring.oof_scores(experiment)
+    train = [sys.executable, "-m", "maskdist", "train", "--shards", str(small_shards), "--out", str(experiment), "--fold", "all",
+             "--epochs-from", str(experiment), "--epochs", "3", "--log-batches", *FAST]
+    run = subprocess.Popen(train, env=launch_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    batches = experiment / "all" / "batches" / "rank0.txt"
+    assert procs.wait_for(lambda: batches.exists() and len(batches.read_text().splitlines()) >= 1, 240)
+    procs.signal_frozen(run.pid, signal.SIGTERM)
+    output = run.communicate(timeout=120)[0]
+    assert run.returncode == PREEMPTED_EXIT, output[-2000:]
+    state = json.loads((experiment / "all" / "state" / "trainer.json").read_text())
+    assert not state["epoch_done"] and 0 < state["step"] < state["steps_per_epoch"]  # stopped inside an epoch
+
+    again = subprocess.run([*train, "--resume"], env=launch_env(tmp_path), cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert f"resuming at epoch {state['epoch']} step {state['step']}" in again.stdout
+
+    # its epochs are the median of the folds' best epochs (counted from 1), whatever --epochs said
+    best = [json.loads((experiment / f"fold{k}" / "model.json").read_text())["epoch"] + 1 for k in range(3)]
+    card = json.loads((experiment / "all" / "model.json").read_text())
+    assert card["epochs"] == math.ceil(statistics.median(best)) == card["epochs_from"]["epochs"]
+    assert card["validation"] is False and card["finished"] and card["fold"] == "all" and card["train_folds"] == [0, 1, 2]
+    assert card["epoch"] == card["epochs"] - 1  # the last epoch's model, not a "best" one
+    assert not (experiment / "all" / "oof.csv").exists()
+    # every step once, and keys of every fold: each fold's samples are its oof.csv keys
+    steps = [tuple(line.split(" ", 2)[:2]) for line in batches.read_text().splitlines()]
+    assert len(steps) == len(set(steps)) == card["epochs"] * state["steps_per_epoch"]
+    keys = {k for line in batches.read_text().splitlines() for k in line.split(" ", 2)[2].split()}
+    folds_of = {key: fold for fold in range(3) for key in pd.read_csv(experiment / f"fold{fold}" / "oof.csv")["key"]}
+    assert {folds_of[k] for k in keys if k in folds_of} == {0, 1, 2}
+    # the out-of-fold figures ignore it: it has no out-of-fold rows
+    after = scoring.oof_scores(experiment)
+    assert after["oof"].macro_f1 == before["oof"].macro_f1 and after["samples"] == before["samples"]
+
+
+@pytest.mark.xdist_group("full-data")
+def test_epochs_from_an_unfinished_experiment_is_refused(experiment, small_shards, tmp_path):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "fold0").symlink_to(experiment / "fold0")
+    (partial / "fold1").mkdir()  # a fold that never finished
+    result = subprocess.run([sys.executable, "-m", "maskdist", "train", "--shards", str(small_shards), "--out",
+                             str(tmp_path / "o"), "--fold", "all", "--epochs-from", str(partial), *FAST],
+                            env=launch_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "fold(s) fold1 are not finished" in result.stderr and "Traceback" not in result.stderr
+    wrong = subprocess.run([sys.executable, "-m", "maskdist", "train", "--shards", str(small_shards), "--out", str(tmp_path / "o"),
+                            "--fold", "1", "--epochs-from", str(experiment), *FAST], env=launch_env(tmp_path), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2 and "--epochs-from goes with --fold all" in wrong.stderr
