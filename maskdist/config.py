@@ -58,7 +58,9 @@ class TrainConfig:
     crop: int = _opt(150, "Centre-crop size fed to the model.", group="data")
     # model
     model: str = _opt("efficientnet_b3", "timm architecture name.", group="model")
-    pretrained: str = _opt("", "Local pretrained weights file (.safetensors/.pth); empty: random init.", group="model")
+    pretrained: str = _opt("none", "Starting weights: hub (the architecture's default timm weights, through the Hugging Face"
+                                   " cache), a hub repo (hf-hub:ORG/NAME, timm/NAME.TAG), a local .safetensors/.pth FILE, or"
+                                   " none (random init).", group="model")
     drop_rate: float = _opt(0.4, "Dropout before the classifier.", group="model")
     drop_path: float = _opt(0.0, "Stochastic depth (timm's drop_path_rate, the deepest block's); 0: off.", group="model")
     heads: str = _opt("single", "One 18-way head, or mask (3), gender (2) and age (3) heads whose probabilities multiply.",
@@ -115,6 +117,7 @@ class TrainConfig:
 
     def __post_init__(self):
         self.fold = str(self.fold).strip()  # a number, or "all" (YAML and old configs hold ints)
+        self.pretrained = _pretrained(self.pretrained)
 
     @property
     def full_data(self) -> bool:
@@ -174,6 +177,8 @@ def run_only_settings() -> tuple[str, ...]:
 def training_settings(values: TrainConfig | dict) -> dict:
     """What a run trains: every setting but the run-only ones."""
     values = values.to_dict() if isinstance(values, TrainConfig) else dict(values)
+    if "pretrained" in values:
+        values["pretrained"] = _pretrained(values["pretrained"])
     skip = set(run_only_settings())
     defaults = TrainConfig(shards="-").to_dict()
     return {name: values.get(name, defaults[name]) for name in defaults if name not in skip}
@@ -183,6 +188,11 @@ def differences(before: TrainConfig | dict, now: TrainConfig | dict, ignore: tup
     """The training settings that differ (but those in ``ignore``), as ``--name before -> now``."""
     a, b = training_settings(before), training_settings(now)
     return [f"--{_flag(name)} {a[name]!r} -> {b[name]!r}" for name in a if a[name] != b[name] and name not in ignore]
+
+
+def _pretrained(spec) -> str:
+    """Configs before hub weights wrote "" (or null) for random init: that is ``none``."""
+    return str(spec).strip() if spec not in (None, "") else "none"
 
 
 def _flag(name: str) -> str:

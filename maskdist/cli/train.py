@@ -165,3 +165,38 @@ def demo(workdir, people, eval_people, folds, seed, config, processes, epochs):
 
     run_demo(DemoOptions(workdir=workdir, people=people, eval_people=eval_people, folds=folds, seed=seed,
                          config=config, processes=processes, epochs=epochs), echo=click.echo)
+
+
+# --- weights (maskdist.model.weights) ---------------------------------------------------
+
+
+@main.group()
+def weights():
+    """Pretrained weights in the Hugging Face cache (HF_HOME): fetch on a node with network, train offline."""
+
+
+@weights.command("fetch")
+@click.argument("arch")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also copy the weights to this file (to carry to a cluster: --pretrained FILE).")
+def weights_fetch(arch, out):
+    """Download ARCH's default timm weights (or ARCH.TAG's, or a hub repo ORG/NAME's) into the cache."""
+    from maskdist.model import weights as weights_api
+
+    found = weights_api.fetch(arch, out)
+    record = found.record
+    click.echo(f"{record['repo_id']} at revision {record['revision']}: {found.path}")
+    if out is not None:
+        click.echo(f"copied to {out} (sha256 {weights_api.sha256(out)})")
+
+
+@weights.command("list")
+def weights_list():
+    """The model repos in the Hugging Face cache, with their sizes and revisions."""
+    from maskdist.model import weights as weights_api
+
+    rows = weights_api.cached()
+    if not rows:
+        click.echo(f"no models in the Hugging Face cache ({weights_api.cache_dir() or 'the default, ~/.cache/huggingface/hub'})")
+    for row in rows:
+        click.echo(f"{row.repo_id}  {row.size_bytes / 1e6:.1f} MB  revisions: {', '.join(row.revisions)}")

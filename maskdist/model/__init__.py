@@ -1,9 +1,10 @@
-"""What learns: the timm factory, part heads, losses, mixup/cutmix and the EMA.
+"""What learns: the timm factory, pretrained weights, part heads, losses, mixup/cutmix and the EMA.
 
 =============== =====================================================================
 module          one job
 =============== =====================================================================
-``factory``     timm model with an 18-way or part head, local pretrained weights
+``factory``     timm model with an 18-way or part head, pretrained weights from a file
+``weights``     ``--pretrained``: hub, repo, file or none; the Hugging Face cache, offline
 ``heads``       part heads (mask, gender, age) and their product, 18-class probabilities
 ``losses``      focal loss with class weights (hard or soft targets), CE, soft macro F1,
                 and the per-part loss of part heads

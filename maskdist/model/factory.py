@@ -1,7 +1,7 @@
-"""The timm model factory: architecture, 18-way head, local pretrained weights.
+"""The timm model factory: architecture, 18-way head, pretrained weights from a local file.
 
-No hub downloads: pretrained weights come from a local file (``.safetensors``, ``.pth`` or
-``.bin`` of the timm architecture). The classifier of the file is dropped and a new 18-way
+The file (``.safetensors``, ``.pth`` or ``.bin`` of the timm architecture) is a local one, or
+the one :mod:`maskdist.model.weights` resolved in the Hugging Face cache. The classifier of the file is dropped and a new 18-way
 linear head is initialised Kaiming-uniform with a zero bias; nothing follows the logits.
 With ``heads="parts"`` the classifier is replaced in place by :class:`maskdist.model.heads.PartHeads`
 (8 part logits), so the timm model keeps its type, config and dropout before the head, and
@@ -51,11 +51,11 @@ def create_model(
     if pretrained_file is not None:
         path = Path(pretrained_file)
         if not path.is_file():
-            raise MaskdistError(f"pretrained weights {path} not found: pass a local .safetensors/.pth file of {name}")
+            raise MaskdistError(f"pretrained weights {path} not found: pass a local .safetensors/.pth file of {name}, or hub")
         source = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     elif warn_random:
         warnings.warn(
-            f"{name} starts from random weights: scores will be poor; pass --pretrained FILE with local ImageNet weights",
+            f"{name} starts from random weights: scores will be poor; pass --pretrained hub (timm's ImageNet weights) or FILE",
             stacklevel=2,
         )
     try:

@@ -35,8 +35,9 @@ FORMAT_VERSION = 1
 
 
 def model_card(architecture: str, resize: int, crop: int, mean, std, age_cut: int, fold: int, epoch: int, metrics: dict, drop_rate: float,
-               heads: str = "single") -> dict:
-    """``heads``: ``single`` (18 logits) or ``parts`` (8 part logits, see :mod:`maskdist.model.heads`)."""
+               heads: str = "single", pretrained: dict | None = None) -> dict:
+    """``heads``: ``single`` (18 logits) or ``parts`` (8 part logits, see :mod:`maskdist.model.heads`);
+    ``pretrained``: where the starting weights came from (:attr:`maskdist.model.weights.Weights.record`)."""
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -53,6 +54,7 @@ def model_card(architecture: str, resize: int, crop: int, mean, std, age_cut: in
         "fold": fold,
         "epoch": epoch,
         "metrics": metrics,
+        "pretrained": pretrained or {"source": "none"},
     }
 
 

@@ -65,7 +65,8 @@ def finish_epoch(run: Run, epoch: int, tally: EpochTally, best: dict, skipped_hi
             best = {"macro_f1": scores.macro_f1, "epoch": epoch, "weights": weights, "part_f1": scores.part_f1,
                     "per_class_f1": scores.per_class_f1, "accuracy": scores.accuracy, "samples": scores.samples}
             card = checkpoint.model_card(cfg.model, cfg.resize, cfg.crop, run.mean, run.std, run.shard_set.age_cut,
-                                         cfg.fold_number, epoch, best, cfg.drop_rate, heads=cfg.heads)
+                                         cfg.fold_number, epoch, best, cfg.drop_rate, heads=cfg.heads,
+                                     pretrained=run.pretrained)
             card |= face_crop.card_entry(run.shard_set.manifest)  # the shards' crop, for predict to repeat
             card["weights"] = weights  # live or ema: which weights best.safetensors holds
             card["confusion"] = scores.confusion

@@ -65,7 +65,8 @@ def finish_full_epoch(run: Run, epoch: int, tally: EpochTally, skipped_history: 
         accelerator.print(f"epoch {epoch}: loss {figures['loss']:.4f}, {figures['rate']:.0f} img/s, data wait"
                           f" {100 * figures['wait']:.1f}%, no validation (full-data model)" + figures["skipped_text"])
         card = checkpoint.model_card(cfg.model, cfg.resize, cfg.crop, run.mean, run.std, run.shard_set.age_cut,
-                                     config_mod.FULL_DATA, epoch, best, cfg.drop_rate, heads=cfg.heads)
+                                     config_mod.FULL_DATA, epoch, best, cfg.drop_rate, heads=cfg.heads,
+                                     pretrained=run.pretrained)
         card |= face_crop.card_entry(run.shard_set.manifest)  # the shards' crop, for predict to repeat
         card.update(weights=weights, train_folds=run.train_folds, data=data_summary(skipped_history), finished=False,
                     epochs=cfg.epochs, validation=False, epochs_from=epochs_source)

@@ -14,10 +14,12 @@ from accelerate.utils import set_seed
 
 from maskdist import config as config_mod, streams
 from maskdist.data import transforms
+from maskdist.errors import MaskdistError
 from maskdist.model import losses
 from maskdist.model.ema import Ema
 from maskdist.model.factory import create_model, normalisation, plain_module, prepare_for_device
 from maskdist.model.mixing import Mixer
+from maskdist.model.weights import Weights, resolve
 from maskdist.shards import crop as face_crop
 from maskdist.shards.manifest import open_shard_set
 from maskdist.shards.opener import RetryPolicy
@@ -55,6 +57,7 @@ class Run:
     ema: Ema | None = None  # the EMA of the weights, when on
     writer: object = None  # TensorBoard's SummaryWriter, on the main process when logging
     batch_log: object = None
+    pretrained: dict | None = None  # where the starting weights came from, for the model card
 
     @property
     def main(self) -> bool:
@@ -113,7 +116,8 @@ def setup(cfg: config_mod.TrainConfig, log_dir: Path | None = None, accelerator:
     counts = shard_set.class_counts(train_folds)
 
     set_seed(cfg.seed)  # same init on every rank; the streams seed per rank and worker themselves
-    model = create_model(cfg.model, drop_rate=cfg.drop_rate, pretrained_file=cfg.pretrained or None,
+    weights = pretrained_weights(cfg, accelerator)
+    model = create_model(cfg.model, drop_rate=cfg.drop_rate, pretrained_file=weights.path,
                          warn_random=accelerator.is_main_process, drop_path_rate=cfg.drop_path, heads=cfg.heads)
     mean, std = normalisation(model)
     channels_last = accelerator.device.type == "cuda"
@@ -147,7 +151,24 @@ def setup(cfg: config_mod.TrainConfig, log_dir: Path | None = None, accelerator:
         model = torch.compile(model)
     return Run(cfg, accelerator, shard_set, train_folds, counts, model, module, optimizer, loss_fn, schedule, base_lr,
                train_data, val_loader, mean, std, channels_last, steps_per_epoch, max(1, steps_per_epoch // cfg.grad_accum),
-               mixer if mixer.enabled else None, ema)
+               mixer if mixer.enabled else None, ema, pretrained=weights.record)
+
+
+def pretrained_weights(cfg: config_mod.TrainConfig, accelerator: Accelerator) -> Weights:
+    """``--pretrained`` as a local file. One download per node: the local main process
+    resolves it first (downloading into the cache if need be) while the others wait, then they
+    read the cache only. A failure of the first still reaches the barrier, so no rank hangs."""
+    if not accelerator.is_local_main_process:
+        accelerator.wait_for_everyone()
+        try:
+            return resolve(cfg.pretrained, cfg.model, local_only=True)
+        except MaskdistError:
+            raise MaskdistError(f"rank {accelerator.process_index}: --pretrained {cfg.pretrained} is not in the cache after"
+                                " the node's first process resolved it: see that process's error") from None
+    try:
+        return resolve(cfg.pretrained, cfg.model)
+    finally:
+        accelerator.wait_for_everyone()
 
 
 def open_batch_log(run_dir: Path, rank: int):
