@@ -341,3 +341,29 @@ def test_audit_writes_ranked_suspects_a_contact_sheet_and_a_fixes_file(experimen
     assert (sheet.shape[1], sheet.shape[0]) == contact_sheet.sheet_size(summary["sheet"]["people"]) and summary["sheet"]["photos"] > 0
     table, report = layout.read_train(small_synth / "train", fixes=out / "fixes.csv")  # the format --fixes reads
     assert len(report.by_kind().get("fix-applied", [])) == summary["fixes"] > 0
+
+
+# --- classify: photos outside the competition layout ----------------------------------------
+
+
+def test_classify_names_and_counts_unreadable_files_and_agrees_with_predict(experiment, small_synth, tmp_path):
+    from maskdist.infer import predict as predict_api
+
+    photos = tmp_path / "photos"
+    shutil.copytree(small_synth / "eval" / "images", photos / "nested")  # a folder is searched recursively
+    (photos / "broken.jpg").write_bytes(b"not a jpeg")
+    table = tmp_path / "classified.csv"
+    result = _maskdist(tmp_path, "classify", experiment, photos, "--out", table, "--workers", "0", "--batch-size", "8")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"unreadable, skipped: {photos / 'broken.jpg'}" in result.stderr and "1 unreadable file(s) skipped" in result.stderr
+    assert "classify:" not in result.stderr  # no progress bar off a terminal
+    rows = pd.read_csv(table)
+    assert list(rows.columns) == ["path", "class", "mask", "gender", "age", "probability"]
+    assert str(photos / "broken.jpg") not in set(rows["path"])
+    assert rows["probability"].between(0, 1).all() and set(rows["mask"]) <= {"wear", "incorrect", "not_worn"}
+
+    predict_api.predict([experiment], tmp_path / "sub.csv", eval_dir=small_synth / "eval", workers=0, batch_size=8)
+    submission = pd.read_csv(tmp_path / "sub.csv", dtype={"ImageID": str})
+    classified = dict(zip(rows["path"].map(lambda p: p.rsplit("/", 1)[-1]), rows["class"]))
+    assert len(classified) == len(submission) > 0
+    assert [classified[i] for i in submission["ImageID"]] == submission["ans"].tolist()

@@ -6,7 +6,7 @@ module      commands
 ``base``    the group: one-line errors (exit 2), the preemption exit status
 ``data``    ``synth``, ``layout``, ``shards build|inspect|verify``
 ``train``   ``train``, ``kfold``, ``demo``, ``weights fetch|list``
-``infer``   ``predict``, ``score``, ``oof``, ``pseudo-label``
+``infer``   ``predict``, ``score``, ``oof``, ``pseudo-label``, ``classify``
 ``bench``   ``bench loader|train|epoch|predict|memory|options``
 =========== ==================================================================
 """

@@ -1,4 +1,4 @@
-"""Commands that use trained folds: ``predict``, ``score``, ``oof``, ``audit`` and ``pseudo-label``."""
+"""Commands that use trained folds: ``predict``, ``score``, ``oof``, ``audit``, ``pseudo-label`` and ``classify``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -164,3 +164,34 @@ def pseudo_label(runs, images_dir, out, min_confidence, age_from_filename, decis
                                  precision=precision, timeout_s=timeout_s, decisions=decisions, allow_unfinished=allow_unfinished,
                                  part_confidence=pseudo.parse_part_confidence(part_confidence))
     click.echo(report.describe())
+
+
+@main.command()
+@click.argument("runs", type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the CSV here (path, class, mask, gender, age, probability); default: print it.")
+@click.option("--weights", "weighting", type=click.Choice(["uniform", "f1"]), default="uniform", show_default=True,
+              help="Average the experiment's folds uniformly or weighted by validation F1.")
+@click.option("--decisions", default="tuned", show_default=True, help=DECISIONS_HELP)
+@click.option("--tta", type=click.Choice(["none", "hflip"]), default="none", show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "no", "bf16", "fp16"]), default="auto", show_default=True, help=PRECISION_HELP)
+@click.option("--allow-unfinished", is_flag=True, help=UNFINISHED_HELP)
+def classify(runs, inputs, out, weighting, decisions, tta, batch_size, workers, precision, allow_unfinished):
+    """Classify photos (any layout) with the ensemble of RUNS.
+
+    RUNS: an experiment folder (or a fold run folder); then PHOTO or FOLDER, one or more.
+    Unreadable files are named and skipped."""
+    from maskdist.system import parallel
+
+    if workers > 0:
+        parallel.start_forkserver()
+    from maskdist.infer import classify as classify_api
+
+    result = classify_api.classify([runs], inputs, out, tta=tta, weighting=weighting, decisions=decisions, batch_size=batch_size,
+                                   workers=workers, precision=precision, allow_unfinished=allow_unfinished)
+    if out is None:
+        click.echo(result.rows.to_csv(index=False), nl=False)
+    click.echo(result.describe(out), err=True)
