@@ -367,3 +367,87 @@ def test_classify_names_and_counts_unreadable_files_and_agrees_with_predict(expe
     classified = dict(zip(rows["path"].map(lambda p: p.rsplit("/", 1)[-1]), rows["class"]))
     assert len(classified) == len(submission) > 0
     assert [classified[i] for i in submission["ImageID"]] == submission["ans"].tolist()
+
+
+# --- export: timm's hub layout, and the ensemble as one ONNX graph ------------------------------
+
+
+def _eval_batch(small_synth, resize: int, crop: int, n: int = 16) -> np.ndarray:
+    """uint8 NHWC: eval photos as the models take them (resized, centre-cropped)."""
+    from maskdist.data.images import decode_rgb
+
+    transform = transforms.build_transform("none", resize, crop)
+    paths = sorted((small_synth / "eval" / "images").glob("[0-9a-f]*.jpg"))[:n]
+    return np.stack([transform(decode_rgb(p.read_bytes())).transpose(1, 2, 0) for p in paths])
+
+
+def test_timm_export_loads_back_to_identical_logits(experiment, small_synth, tmp_path):
+    import timm
+
+    from maskdist.infer import export
+
+    folders = export.export_timm([experiment], tmp_path / "timm")
+    assert [f.name for f in folders] == [f"fold{k}" for k in range(FOLDS)]
+    model, card = checkpoint.load(experiment / "fold0")
+    config = json.loads((folders[0] / "config.json").read_text())
+    assert config["label_names"] == card["classes"] and config["num_classes"] == 18
+    assert config["pretrained_cfg"]["input_size"] == [3, card["image"]["crop"], card["image"]["crop"]]
+    loaded = timm.create_model(f"local-dir:{folders[0]}", pretrained=True).eval()
+    x = transforms.to_device(torch.from_numpy(_eval_batch(small_synth, 64, 48, 4)).permute(0, 3, 1, 2), "cpu",
+                             card["normalisation"]["mean"], card["normalisation"]["std"])
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+    # part heads fold into one 18-way head whose softmax is the product of the part probabilities
+    from types import SimpleNamespace
+
+    from maskdist.model import heads
+    from maskdist.model.factory import create_model
+
+    parts = create_model("test_efficientnet", heads="parts", warn_random=False).eval()
+    plain = export.single_head(SimpleNamespace(card={"heads": "parts", "architecture": "test_efficientnet"}, model=parts))
+    with torch.no_grad():
+        assert torch.allclose(torch.softmax(plain(x), 1), heads.probabilities(parts(x), "parts"), atol=1e-6)
+
+
+ONNX_TOLERANCE = 1e-5  # largest |probability difference| allowed between onnxruntime and PyTorch (float32)
+
+
+def test_onnx_ensemble_matches_pytorch_under_onnxruntime(experiment, small_synth, tmp_path):
+    import onnx
+    import onnxruntime
+
+    from maskdist.infer import export
+    from maskdist.infer.decisions import decide
+    from maskdist.infer.ensemble import load_ensemble, mix
+
+    out = tmp_path / "ensemble.onnx"
+    result = _maskdist(tmp_path, "export", experiment, "--format", "onnx", "--out", out, "--tta", "hflip", "--decisions", "argmax")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{FOLDS} model(s), input uint8 NHWC 48x48" in result.stdout
+    onnx.checker.check_model(str(out))
+    images = _eval_batch(small_synth, 64, 48)
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    probs, label = session.run(None, {"image": images})
+
+    ensemble = load_ensemble([experiment])  # PyTorch: every fold on both views, then the mean
+    x = transforms.to_device(torch.from_numpy(images).permute(0, 3, 1, 2), "cpu", *ensemble.members[0].normalisation)
+    with torch.no_grad():
+        per_model = np.stack([np.stack([torch.softmax(m.model(v), 1).numpy() for v in (x, torch.flip(x, dims=[3]))]).mean(0)
+                              for m in ensemble.members], axis=1)
+    expected = mix(ensemble, per_model)
+    assert probs.shape == (len(images), 18) and np.abs(probs - expected).max() < ONNX_TOLERANCE
+    assert (label == decide(expected, None)).all()
+    with pytest.raises(MaskdistError, match="unknown TTA"):
+        export.EnsembleGraph(ensemble, "vflip")
+
+
+def test_bench_onnx_reports_agreement_and_both_rates(experiment, small_synth):
+    from maskdist.bench.onnx import bench_onnx
+
+    photos = sorted((small_synth / "eval" / "images").glob("[0-9a-f]*.jpg"))[:16]
+    result = bench_onnx([experiment], photos, batch_size=8, rounds=1)
+    assert result.images == 16 and result.models == FOLDS
+    assert result.max_abs_diff < ONNX_TOLERANCE and result.same_labels == 1.0
+    text = result.describe()
+    assert "ratio onnxruntime / PyTorch" in text and "maskdist classify" in text and result.ratio > 0

@@ -148,6 +148,25 @@ def bench_predict_cmd(runs, shards, info_csv, batch_size, workers, tta, precisio
     click.echo(json.dumps(dataclasses.asdict(result) | {"ratio": result.ratio}) if as_json else result.describe())
 
 
+@bench.command("onnx")
+@click.argument("runs", type=click.Path(path_type=Path))
+@click.argument("photos", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--tta", type=click.Choice(["none", "hflip"]), default="none", show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--rounds", type=int, default=2, show_default=True, help="Timed rounds of each (alternating).")
+@click.option("--allow-unfinished", is_flag=True, help="Let folds that did not finish their schedule in.")
+@click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
+def bench_onnx_cmd(runs, photos, tta, batch_size, rounds, allow_unfinished, as_json):
+    """The ONNX ensemble under onnxruntime vs the same graph in PyTorch (agreement and img/s), and classify, on CPU."""
+    import dataclasses
+    import json
+
+    from maskdist.bench import onnx as bench_api
+
+    result = bench_api.bench_onnx([runs], photos, tta, batch_size, rounds, allow_unfinished)
+    click.echo(json.dumps(dataclasses.asdict(result) | {"ratio": result.ratio}) if as_json else result.describe())
+
+
 @bench.command("memory", context_settings={"ignore_unknown_options": True})
 @click.option("--every", type=float, default=1.0, show_default=True, help="Seconds between samples.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write every sample here.")

@@ -1,4 +1,4 @@
-"""Commands that use trained folds: ``predict``, ``score``, ``oof``, ``audit``, ``pseudo-label`` and ``classify``."""
+"""Commands that use trained folds: ``predict``, ``score``, ``oof``, ``audit``, ``pseudo-label``, ``classify``, ``export``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -195,3 +195,28 @@ def classify(runs, inputs, out, weighting, decisions, tta, batch_size, workers, 
     if out is None:
         click.echo(result.rows.to_csv(index=False), nl=False)
     click.echo(result.describe(out), err=True)
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["timm", "onnx"]), required=True,
+              help="timm: each fold model in timm's hub layout (a folder each); onnx: the whole ensemble as one graph.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="timm: a folder (one sub-folder per fold); onnx: a .onnx file.")
+@click.option("--tta", type=click.Choice(["none", "hflip"]), default="none", show_default=True, help="onnx: TTA inside the graph.")
+@click.option("--weights", "weighting", type=click.Choice(["uniform", "f1"]), default="uniform", show_default=True,
+              help="onnx: average each experiment's folds uniformly or weighted by validation F1.")
+@click.option("--decisions", default="tuned", show_default=True, help="onnx: the decisions behind the label output. " + DECISIONS_HELP)
+@click.option("--allow-unfinished", is_flag=True, help=UNFINISHED_HELP)
+def export(runs, fmt, out, tta, weighting, decisions, allow_unfinished):
+    """Fold models out of RUNS: timm's hub layout, or one ONNX graph of the ensemble.
+
+    RUNS: experiment folders (all of their fold<K>) or fold run folders."""
+    from maskdist.infer import export as export_api
+
+    if fmt == "timm":
+        for folder in export_api.export_timm(list(runs), out, weighting, allow_unfinished):
+            click.echo(f"wrote {folder} (timm.create_model('local-dir:{folder}'))")
+        return
+    done = export_api.export_onnx(list(runs), out, tta, weighting, decisions, allow_unfinished)
+    click.echo(f"wrote {done['out']}: {done['models']} model(s), input uint8 NHWC {done['crop']}x{done['crop']} (resize"
+               f" {done['resize']}, centre crop {done['crop']}), TTA {done['tta']}, decisions {done['decisions']}")

@@ -1,0 +1,156 @@
+"""``maskdist export``: fold models out of the run folder, in forms other tools load.
+
+``timm``: each fold model in timm's hub layout (``config.json`` with the 18 label names, the
+input size and normalisation; ``model.safetensors``), written by timm's own ``save_for_hf``,
+so ``timm.create_model("local-dir:DIR")`` (or ``hf-hub:`` after a push) rebuilds it. A model
+with part heads becomes a plain 18-way classifier: the class logit is the sum of its three
+part logits, whose softmax is exactly the product of the part probabilities.
+
+``onnx``: the whole ensemble as one graph. Input: ``image``, uint8 NHWC at the models' input
+size (the photo resized to ``resize`` and centre-cropped to ``crop``, as ``model.json``
+says); inside: each model's normalisation, TTA when asked, each model's 18-class
+probabilities (part heads as products), the weighted mean. Outputs: ``probs`` (N, 18) and
+``label`` (N), the decisions' class (``argmax_c w_c p_c``, as ``predict`` decides).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from maskdist.config import TTAS
+from maskdist.data import labels
+from maskdist.errors import MaskdistError
+from maskdist.infer import decisions as decisions_mod
+from maskdist.infer.ensemble import Ensemble, Member, load_ensemble
+from maskdist.infer.members import find_members
+from maskdist.model import heads as heads_mod
+from maskdist.model.factory import create_model
+from maskdist.system.fileio import atomic_path, replace_dir
+
+FORMATS = ("timm", "onnx")
+ONNX_OPSET = 17
+
+
+def _ensemble(sources, weighting: str, decisions: str, allow_unfinished: bool) -> tuple[Ensemble, decisions_mod.Applied]:
+    runs = find_members(sources, allow_unfinished)
+    applied = decisions_mod.resolve(decisions, runs, list(dict.fromkeys(r.experiment for r in runs)))
+    return load_ensemble(runs, weighting, "cpu", allow_unfinished, applied.experiment_weights), applied
+
+
+# --- timm's hub layout --------------------------------------------------------------------
+
+
+def single_head(member: Member) -> nn.Module:
+    """The member as a plain timm 18-way classifier (part heads folded into one linear head)."""
+    if member.card.get("heads", "single") == "single":
+        return member.model
+    plain = create_model(member.card["architecture"], labels.NUM_CLASSES, member.card.get("drop_rate", 0.0), warn_random=False)
+    state = {k: v for k, v in member.model.state_dict().items() if not k.startswith(_classifier_prefix(member.model))}
+    parts = member.model.get_classifier().layers()
+    weight = sum(layer.weight[heads_mod.CLASS_PARTS[:, k]] for k, layer in enumerate(parts))
+    bias = sum(layer.bias[heads_mod.CLASS_PARTS[:, k]] for k, layer in enumerate(parts))
+    prefix = _classifier_prefix(plain)
+    plain.load_state_dict(state | {prefix + "weight": weight, prefix + "bias": bias})
+    return plain.eval()
+
+
+def _classifier_prefix(model: nn.Module) -> str:
+    head = model.get_classifier()
+    return next(name for name, module in model.named_modules() if module is head) + "."
+
+
+def export_timm(sources: Sequence[str | os.PathLike], out: str | os.PathLike, weighting: str = "uniform",
+                allow_unfinished: bool = False) -> list[Path]:
+    """Each fold model of ``sources`` to ``out/<experiment>-fold<K>/`` in timm's hub layout."""
+    from timm.models import save_for_hf
+
+    ensemble, _ = _ensemble(sources, weighting, "argmax", allow_unfinished)
+    out = Path(out)
+    names = [_folder_name(m, len(ensemble.experiments) > 1) for m in ensemble.members]
+    written = []
+    for member, name in zip(ensemble.members, names):
+        card = member.card
+        mean, std = member.normalisation
+        data_config = {"input_size": (3, card["image"]["crop"], card["image"]["crop"]), "mean": mean, "std": std,
+                       "crop_pct": card["image"]["crop"] / card["image"]["resize"], "crop_mode": "center"}
+        target = out / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+        try:
+            save_for_hf(single_head(member), str(tmp), model_config={"label_names": list(card["classes"])}, safe_serialization=True,
+                        data_config=data_config)
+            (tmp / "maskdist.json").write_text(json.dumps(card, indent=1))  # where it came from: the run's model card
+            replace_dir(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        written.append(target)
+    return written
+
+
+def _folder_name(member: Member, several: bool) -> str:
+    fold = f"fold{member.run.fold}" if str(member.run.fold).isdigit() else str(member.run.fold)
+    return f"{member.run.experiment.name}-{fold}" if several else fold
+
+
+# --- ONNX: the ensemble as one graph ------------------------------------------------------
+
+
+class EnsembleGraph(nn.Module):
+    """uint8 NHWC images -> (the ensemble's 18-class probabilities, the decided class)."""
+
+    def __init__(self, ensemble: Ensemble, tta: str = "none", class_weights: np.ndarray | None = None):
+        super().__init__()
+        if tta not in TTAS:
+            raise MaskdistError(f"unknown TTA {tta!r}: choose {' or '.join(TTAS)}")
+        if len(ensemble.groups) > 1:
+            sizes = sorted((g.resize, g.crop) for g in ensemble.groups)
+            raise MaskdistError(f"the models take {len(ensemble.groups)} different inputs (resize, crop: {sizes}, or face crops):"
+                                " one ONNX graph takes one; export each experiment on its own")
+        self.resize, self.crop = ensemble.groups[0].resize, ensemble.groups[0].crop
+        self.tta = tta
+        self.models = nn.ModuleList(m.model.eval() for m in ensemble.members)
+        self.kinds = [m.card.get("heads", "single") for m in ensemble.members]
+        means = torch.tensor([[v * 255 for v in m.normalisation[0]] for m in ensemble.members], dtype=torch.float32)
+        stds = torch.tensor([[v * 255 for v in m.normalisation[1]] for m in ensemble.members], dtype=torch.float32)
+        self.register_buffer("means", means[:, None, :, None, None])
+        self.register_buffer("inv_stds", 1 / stds[:, None, :, None, None])
+        self.register_buffer("weights", torch.tensor(ensemble.weights, dtype=torch.float32))
+        w = np.ones(labels.NUM_CLASSES) if class_weights is None else np.asarray(class_weights)
+        self.register_buffer("class_weights", torch.tensor(w, dtype=torch.float32)[None, :])
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = image.permute(0, 3, 1, 2).contiguous().float()
+        total = 0
+        for j, (model, kind) in enumerate(zip(self.models, self.kinds)):
+            normalised = (x - self.means[j]) * self.inv_stds[j]
+            views = [normalised, torch.flip(normalised, dims=[3])] if self.tta == "hflip" else [normalised]
+            probs = sum(heads_mod.probabilities(model(view), kind) for view in views) / len(views)
+            total = total + self.weights[j] * probs
+        return total, torch.argmax(total * self.class_weights, dim=1)
+
+
+def export_onnx(sources: Sequence[str | os.PathLike], out: str | os.PathLike, tta: str = "none", weighting: str = "uniform",
+                decisions: str = "tuned", allow_unfinished: bool = False) -> dict:
+    """The ensemble of ``sources`` as one ONNX file ``out`` (written atomically); what it holds."""
+    ensemble, applied = _ensemble(sources, weighting, decisions, allow_unfinished)
+    graph = EnsembleGraph(ensemble, tta, applied.class_weights).eval()
+    example = torch.zeros((2, graph.crop, graph.crop, 3), dtype=torch.uint8)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp, warnings.catch_warnings():
+        # The TorchScript exporter: the torch.export one needs onnxscript, and these
+        # convolutional graphs have no control flow for it to handle better.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(graph, (example,), str(tmp), dynamo=False, opset_version=ONNX_OPSET, input_names=["image"],
+                          output_names=["probs", "label"], dynamic_axes={"image": {0: "n"}, "probs": {0: "n"}, "label": {0: "n"}})
+    return {"out": str(out), "models": len(ensemble.members), "resize": graph.resize, "crop": graph.crop, "tta": tta,
+            "decisions": applied.name, "members": [str(m.run_dir) for m in ensemble.members]}
