@@ -102,6 +102,9 @@ class TrainConfig:
     checkpoint_minutes: float = _opt(0.0, "Also save the resumable state every M minutes inside an epoch; 0: off.", group="run", run_only=True)
     log_batches: bool = _opt(False, "Write every training batch's sample keys to OUT/fold<K>/batches/rank<R>.txt (audits).",
                              group="run", run_only=True)
+    log_with: str = _opt("tensorboard", "Experiment trackers, comma-separated: TensorBoard always, and beside it any that accelerate"
+                                        " supports (wandb, mlflow, comet_ml, aim, ...) with the same scalars and hyperparameters.",
+                         group="run", run_only=True)
     log_every: int = _opt(10, "Log training scalars every N training steps (batches), and at the end of each epoch.", group="run", run_only=True)
     max_steps: int = _opt(0, "Stop each epoch after N steps (smoke tests); 0: full epochs.", group="run")
     timeout_s: int = _opt(0, "Collective-operation timeout in seconds (a hung rank becomes an error); 0: 1800 on one machine,"

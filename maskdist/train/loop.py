@@ -31,7 +31,7 @@ from maskdist import config as config_mod
 from maskdist.errors import MaskdistError
 from maskdist.system import distributed, parallel
 from maskdist.system.fileio import disk_full, is_disk_full
-from maskdist.train import checkpoint, monitor
+from maskdist.train import checkpoint, monitor, trackers
 from maskdist.train.checkpoint import TENSORBOARD, TRAINER_STATE
 from maskdist.train.epoch import train_epoch
 from maskdist.train.epoch_end import data_summary, finish_epoch
@@ -102,6 +102,7 @@ def _is_collective_failure(err: BaseException) -> bool:
 
 def _train(cfg: config_mod.TrainConfig) -> dict:
     cfg, epochs_source = resolve_epochs(cfg)  # --epochs-from: the folds' choice
+    trackers.parse(cfg.log_with)  # on every rank, before any of them waits for another
     run_dir = cfg.run_dir()
     accelerator = make_accelerator(cfg, log_dir=run_dir)
     if epochs_source and accelerator.is_main_process:
@@ -148,12 +149,15 @@ def _train_in(cfg: config_mod.TrainConfig, accelerator, start, epochs_source: di
             resumed = json.loads((Path(start.state_dir) / TRAINER_STATE).read_text())
             best, skipped_history = resumed["best"], resumed.get("skipped", {})
             start_epoch, start_step, tally = _resume_point(run, resumed)
+        others = []  # the trackers beside TensorBoard (main process)
         if main:
             # purge_step: TensorBoard drops what an interrupted run logged after its last save,
             # so no step is shown twice.
             purge = {"tensorboard": {"purge_step": start_epoch * steps + start_step + 1}} if resumed is not None else {}
             accelerator.init_trackers(TENSORBOARD, init_kwargs=purge)
             run.writer = accelerator.get_tracker("tensorboard", unwrap=True)
+            others = trackers.start(accelerator, trackers.parse(cfg.log_with), Path(cfg.out).name, run_dir.name, run_dir,
+                                    monitor.hparams(cfg.to_dict()))
             accelerator.print(
                 f"fold {cfg.fold}: {world} process(es) on {accelerator.device}, {sum(run.counts)} training samples, "
                 f"{steps} steps/epoch of {cfg.batch_size}x{world}, lr {run.base_lr:.4g}, "
@@ -220,13 +224,15 @@ def _train_in(cfg: config_mod.TrainConfig, accelerator, start, epochs_source: di
         checkpoint.update_card(run_dir, {"data": data_summary(skipped_history), "finished": True})
         # hparams beside the metrics they produced, in the run's own folder (accelerate's
         # init_trackers(config=...) writes them to a separate run without metrics).
+        final = {"hparams/epochs": cfg.epochs} if cfg.full_data else {"hparams/best_macro_f1": best["macro_f1"],
+                                                                        "hparams/best_epoch": best["epoch"]}
+        trackers.log(others, final, cfg.epochs * steps)
         if cfg.full_data:
-            run.writer.add_hparams(monitor.hparams(cfg.to_dict()), {"hparams/epochs": cfg.epochs}, run_name=".")
+            run.writer.add_hparams(monitor.hparams(cfg.to_dict()), final, run_name=".")
             accelerator.print(f"full-data model: {cfg.epochs} epochs on every fold, {best['weights']} weights of the last;"
                               f" run folder {run_dir}")
         else:
-            run.writer.add_hparams(monitor.hparams(cfg.to_dict()), {"hparams/best_macro_f1": best["macro_f1"],
-                                                                    "hparams/best_epoch": best["epoch"]}, run_name=".")
+            run.writer.add_hparams(monitor.hparams(cfg.to_dict()), final, run_name=".")
             accelerator.print(f"fold {cfg.fold}: best macro F1 {best['macro_f1']:.4f} at epoch {best['epoch']}; run folder {run_dir}")
     accelerator.end_training()
     return best
