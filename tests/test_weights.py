@@ -20,6 +20,7 @@ from maskdist.cli import main
 from maskdist.errors import MaskdistError
 from maskdist.model import weights
 from maskdist.model.factory import create_model
+from maskdist.system.fileio import sha256_file
 
 REPO = "timm/test_efficientnet.r160_in1k"  # test_efficientnet's default tag, as timm names it
 
@@ -71,7 +72,7 @@ def test_hub_weights_are_the_served_ones_then_offline_from_the_cache(hub, served
     assert fetched.exit_code == 0, fetched.output
     assert out.read_bytes() == served[0]["model.safetensors"]
     from_file = weights.resolve(str(out), "test_efficientnet")
-    assert from_file.record == {"source": "file", "file": str(out), "sha256": weights.sha256(found.path)}
+    assert from_file.record == {"source": "file", "file": str(out), "sha256": sha256_file(found.path)}
     missing = runner.invoke(main, ["weights", "fetch", "test_efficientnet_gn"])
     assert missing.exit_code == 2 and missing.output.count("\n") == 1 and "not in the Hugging Face cache" in missing.output
 

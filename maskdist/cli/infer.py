@@ -15,6 +15,23 @@ DECISIONS_HELP = ("tuned: the decisions `maskdist oof RUNS --tune` wrote into th
 UNFINISHED_HELP = "Let folds that did not finish their schedule vote (the outputs record them)."
 
 
+def _vote_options(command):
+    """The options of the commands the ensemble votes in (predict, classify)."""
+    options = [
+        click.option("--weights", "weighting", type=click.Choice(["uniform", "f1"]), default="uniform", show_default=True,
+                     help="Average each experiment's folds uniformly or weighted by validation F1."),
+        click.option("--decisions", default="tuned", show_default=True, help=DECISIONS_HELP),
+        click.option("--tta", type=click.Choice(["none", "hflip"]), default="none", show_default=True),
+        click.option("--batch-size", type=int, default=64, show_default=True),
+        click.option("--workers", type=int, default=2, show_default=True),
+        click.option("--precision", type=click.Choice(["auto", "no", "bf16", "fp16"]), default="auto", show_default=True,
+                     help=PRECISION_HELP),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def _is_main() -> bool:
     import os
 
@@ -28,13 +45,7 @@ def _is_main() -> bool:
 @click.option("--info", "info_csv", type=click.Path(path_type=Path), default=None,
               help="info.csv of the shard set's eval part (default: the one it was built from).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("submission.csv"), show_default=True)
-@click.option("--weights", "weighting", type=click.Choice(["uniform", "f1"]), default="uniform", show_default=True,
-              help="Average each experiment's folds uniformly or weighted by validation F1.")
-@click.option("--decisions", default="tuned", show_default=True, help=DECISIONS_HELP)
-@click.option("--tta", type=click.Choice(["none", "hflip"]), default="none", show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--workers", type=int, default=2, show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "no", "bf16", "fp16"]), default="auto", show_default=True, help=PRECISION_HELP)
+@_vote_options
 @click.option("--timeout-s", type=int, default=1800, show_default=True, help="Collective-operation timeout (a hung rank becomes an error).")
 @click.option("--allow-unfinished", is_flag=True, help=UNFINISHED_HELP)
 def predict(runs, shards, eval_dir, info_csv, out, weighting, decisions, tta, batch_size, workers, precision, timeout_s,
@@ -171,13 +182,7 @@ def pseudo_label(runs, images_dir, out, min_confidence, age_from_filename, decis
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the CSV here (path, class, mask, gender, age, probability); default: print it.")
-@click.option("--weights", "weighting", type=click.Choice(["uniform", "f1"]), default="uniform", show_default=True,
-              help="Average the experiment's folds uniformly or weighted by validation F1.")
-@click.option("--decisions", default="tuned", show_default=True, help=DECISIONS_HELP)
-@click.option("--tta", type=click.Choice(["none", "hflip"]), default="none", show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--workers", type=int, default=2, show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "no", "bf16", "fp16"]), default="auto", show_default=True, help=PRECISION_HELP)
+@_vote_options
 @click.option("--allow-unfinished", is_flag=True, help=UNFINISHED_HELP)
 def classify(runs, inputs, out, weighting, decisions, tta, batch_size, workers, precision, allow_unfinished):
     """Classify photos (any layout) with the ensemble of RUNS.

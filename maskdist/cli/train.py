@@ -182,12 +182,13 @@ def weights():
 def weights_fetch(arch, out):
     """Download ARCH's default timm weights (or ARCH.TAG's, or a hub repo ORG/NAME's) into the cache."""
     from maskdist.model import weights as weights_api
+    from maskdist.system.fileio import sha256_file
 
     found = weights_api.fetch(arch, out)
     record = found.record
     click.echo(f"{record['repo_id']} at revision {record['revision']}: {found.path}")
     if out is not None:
-        click.echo(f"copied to {out} (sha256 {weights_api.sha256(out)})")
+        click.echo(f"copied to {out} (sha256 {sha256_file(out)})")
 
 
 @weights.command("list")

@@ -14,13 +14,13 @@ model card keeps of it (repo id and resolved revision, or the file's sha256).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from maskdist.errors import MaskdistError
+from maskdist.system.fileio import atomic_path, sha256_file
 
 HUB = "hub"
 NONE = "none"
@@ -94,7 +94,7 @@ def resolve(spec: str, architecture: str, local_only: bool = False) -> Weights:
         if not path.is_file():
             raise MaskdistError(f"pretrained weights {path} not found: pass a local .safetensors/.pth file of {architecture},"
                                 f" --pretrained {HUB} (timm's default weights through the Hugging Face cache), or {NONE}")
-        return Weights(path, {"source": "file", "file": str(path), "sha256": sha256(path)})
+        return Weights(path, {"source": "file", "file": str(path), "sha256": sha256_file(path)})
     path = download(repo, architecture, local_only=local_only or offline())
     revision = path.parent.name if path.parent.parent.name == "snapshots" else ""
     return Weights(path, {"source": "hf-hub", "repo_id": repo, "revision": revision, "file": path.name})
@@ -148,7 +148,7 @@ def check_blob(path: Path, repo: str) -> None:
     expected = blob.name
     if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
         return  # a small file kept in git: its etag is a git hash, the size check is all there is
-    if sha256(blob) != expected:
+    if sha256_file(blob) != expected:
         path.unlink(missing_ok=True)
         blob.unlink(missing_ok=True)
         raise MaskdistError(f"the download of {repo}/{path.name} was corrupt (its sha256 is not the hub's): it was removed"
@@ -166,19 +166,9 @@ def _first_line(err: BaseException) -> str:
     return (text.splitlines()[0] if text else type(err).__name__)[:200]
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch(spec: str, out: Path | None = None) -> Weights:
     """``maskdist weights fetch``: fill the cache with ``spec``'s weights (an architecture,
     ``arch.tag``, or a repo id), and copy them to ``out`` (atomically) when given."""
-    from maskdist.system.fileio import atomic_path
-
     spec = spec.strip()
     repo = repo_of(spec, spec) if (spec.startswith(HF_PREFIX) or "/" in spec) else hub_repo(spec)
     weights = resolve(HF_PREFIX + repo, spec)

@@ -10,7 +10,6 @@ renamed into place only when complete.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -45,7 +44,7 @@ from maskdist.shards.format import (
 from maskdist.shards.report import BuildReport, human_bytes  # noqa: F401 (BuildReport is part of this module's API)
 from maskdist.shards.tario import ShardTarWriter
 from maskdist.system import parallel
-from maskdist.system.fileio import disk_full, is_disk_full
+from maskdist.system.fileio import disk_full, is_disk_full, sha256_file
 
 # Exactly 224x224 (aspect not kept): the recipe's first op, Resize((224, 224)), done once at
 # build time with INTER_AREA. The loader then decodes a 224x224 JPEG and skips its resize
@@ -97,14 +96,6 @@ def image_size_text(size: int | tuple[int, int] | None) -> int | str:
     return int(size)
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class _ShardWriter:
     """Writes samples into tars, starting a new shard per group or every ``shard_size`` samples."""
 
@@ -146,7 +137,7 @@ class _ShardWriter:
         self._tar.close()
         path = self.root / self._entry["path"]
         self._entry["bytes"] = path.stat().st_size
-        self._entry["sha256"] = _sha256_file(path)
+        self._entry["sha256"] = sha256_file(path)
         self.entries.append(self._entry)
         self._tar, self._entry = None, None
 

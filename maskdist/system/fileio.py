@@ -1,11 +1,12 @@
 """Atomic writes: a file is written under a temporary name beside its target, flushed to
 disk, then renamed over the target, so a kill mid-write leaves the previous file (or none),
 never a half-written one that looks complete. A full disk (or quota) during a write becomes
-one :class:`DiskFull` line that names the path and the fix."""
+one :class:`DiskFull` line that names the path and the fix. Also: a file's sha256."""
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -146,3 +147,12 @@ def recover_dir(target: Path) -> Path | None:
         os.replace(old, target)
         return target
     return None
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
