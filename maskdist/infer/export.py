@@ -138,11 +138,8 @@ class EnsembleGraph(nn.Module):
         return total, torch.argmax(total * self.class_weights, dim=1)
 
 
-def export_onnx(sources: Sequence[str | os.PathLike], out: str | os.PathLike, tta: str = "none", weighting: str = "uniform",
-                decisions: str = "tuned", allow_unfinished: bool = False) -> dict:
-    """The ensemble of ``sources`` as one ONNX file ``out`` (written atomically); what it holds."""
-    ensemble, applied = _ensemble(sources, weighting, decisions, allow_unfinished)
-    graph = EnsembleGraph(ensemble, tta, applied.class_weights).eval()
+def write_onnx(graph: EnsembleGraph, out: str | os.PathLike) -> Path:
+    """``graph`` as an ONNX file (written atomically), its batch size free."""
     example = torch.zeros((2, graph.crop, graph.crop, 3), dtype=torch.uint8)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -150,7 +147,16 @@ def export_onnx(sources: Sequence[str | os.PathLike], out: str | os.PathLike, tt
         # The TorchScript exporter: the torch.export one needs onnxscript, and these
         # convolutional graphs have no control flow for it to handle better.
         warnings.simplefilter("ignore")
-        torch.onnx.export(graph, (example,), str(tmp), dynamo=False, opset_version=ONNX_OPSET, input_names=["image"],
+        torch.onnx.export(graph.eval(), (example,), str(tmp), dynamo=False, opset_version=ONNX_OPSET, input_names=["image"],
                           output_names=["probs", "label"], dynamic_axes={"image": {0: "n"}, "probs": {0: "n"}, "label": {0: "n"}})
+    return out
+
+
+def export_onnx(sources: Sequence[str | os.PathLike], out: str | os.PathLike, tta: str = "none", weighting: str = "uniform",
+                decisions: str = "tuned", allow_unfinished: bool = False) -> dict:
+    """The ensemble of ``sources`` as one ONNX file ``out``; what it holds."""
+    ensemble, applied = _ensemble(sources, weighting, decisions, allow_unfinished)
+    graph = EnsembleGraph(ensemble, tta, applied.class_weights)
+    out = write_onnx(graph, out)
     return {"out": str(out), "models": len(ensemble.members), "resize": graph.resize, "crop": graph.crop, "tta": tta,
             "decisions": applied.name, "members": [str(m.run_dir) for m in ensemble.members]}
