@@ -161,7 +161,7 @@ def pretrained_weights(cfg: config_mod.TrainConfig, accelerator: Accelerator) ->
     if not accelerator.is_local_main_process:
         accelerator.wait_for_everyone()
         try:
-            return resolve(cfg.pretrained, cfg.model, local_only=True)
+            return resolve(cfg.pretrained, cfg.model, local_only=True, verify=False)
         except MaskdistError:
             raise MaskdistError(f"rank {accelerator.process_index}: --pretrained {cfg.pretrained} is not in the cache after"
                                 " the node's first process resolved it: see that process's error") from None
