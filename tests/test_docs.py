@@ -27,7 +27,7 @@ EXPECT = {
     "maskdist oof runs/kfold-doc --json": '"oof"',
     "maskdist oof": "macro F1",
     "maskdist score": "macro F1",
-    "maskdist kfold --shards shards/synth --out runs/kfold-plan": "fold 4: ACCELERATE_USE_CPU=1",  # --dry-run
+    "maskdist kfold --shards shards/synth --out runs/kfold-plan": "fold 0: ACCELERATE_USE_CPU=1",  # --dry-run
     "maskdist kfold": "out-of-fold macro F1",
     "maskdist pseudo-label": "pseudo-labelled",
     "maskdist demo": "ensemble macro F1 on the hidden eval answers",
