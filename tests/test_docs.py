@@ -27,6 +27,7 @@ EXPECT = {
     "maskdist oof runs/kfold-doc --json": '"oof"',
     "maskdist oof": "macro F1",
     "maskdist score": "macro F1",
+    "maskdist kfold --shards shards/synth --out runs/kfold-plan": "fold 0: ACCELERATE_USE_CPU=1",  # --dry-run
     "maskdist kfold": "out-of-fold macro F1",
     "maskdist pseudo-label": "pseudo-labelled",
     "maskdist demo": "ensemble macro F1 on the hidden eval answers",
@@ -136,6 +137,8 @@ def test_gpu_commands_use_existing_flags_and_files():
     for page in ORDER:
         for command in blocks(DOCS / page, "gpu"):
             words = shlex.split(command)
+            while re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):  # an environment prefix (VAR=value command)
+                words = words[1:]
             if words[0].startswith("launch/"):
                 assert os.access(REPO / words[0], os.X_OK), f"{page}: {words[0]} is not an executable script"
                 syntax = subprocess.run(["bash", "-n", str(REPO / words[0])], capture_output=True, text=True)

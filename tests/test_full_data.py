@@ -10,12 +10,15 @@ import statistics
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import procs
 import pytest
 from conftest import launch_env
 
 from maskdist.infer import scoring
+from maskdist.infer.scoring import FULL_DATA_FOLD
+from maskdist.system.lock import FolderLock
 from maskdist.train.preemption import PREEMPTED_EXIT
 
 FAST = ["--model", "test_efficientnet", "--resize", "64", "--crop", "48", "--batch-size", "8", "--workers", "1",
@@ -41,12 +44,13 @@ def test_the_full_data_model_trains_on_every_fold_for_the_folds_epochs_and_resum
     run = subprocess.Popen(train, env=launch_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True)
     batches = experiment / "all" / "batches" / "rank0.txt"
-    assert procs.wait_for(lambda: batches.exists() and len(batches.read_text().splitlines()) >= 1, 240)
+    assert procs.wait_for(lambda: batches.exists() and len(batches.read_text().splitlines()) >= 1, 240, every=0.005)
     procs.signal_frozen(run.pid, signal.SIGTERM)
     output = run.communicate(timeout=120)[0]
     assert run.returncode == PREEMPTED_EXIT, output[-2000:]
     state = json.loads((experiment / "all" / "state" / "trainer.json").read_text())
-    assert not state["epoch_done"] and 0 < state["step"] < state["steps_per_epoch"]  # stopped inside an epoch
+    # stopped inside an epoch: before its last step or, on a loaded machine, after it but before the epoch's end
+    assert not state["epoch_done"] and 0 < state["step"] <= state["steps_per_epoch"]
 
     again = subprocess.run([*train, "--resume"], env=launch_env(tmp_path), cwd=tmp_path, capture_output=True, text=True,
                            timeout=300)
@@ -85,3 +89,62 @@ def test_epochs_from_an_unfinished_experiment_is_refused(experiment, small_shard
                             "--fold", "1", "--epochs-from", str(experiment), *FAST], env=launch_env(tmp_path), cwd=tmp_path,
                            capture_output=True, text=True, timeout=120)
     assert wrong.returncode == 2 and "--epochs-from goes with --fold all" in wrong.stderr
+
+
+def _maskdist(*args, cwd, timeout=300):
+    return subprocess.run([sys.executable, "-m", "maskdist", *map(str, args)], env=launch_env(cwd), cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def full_model(experiment, small_shards):
+    """The experiment's full-data model (trained by the first test; here when it ran alone)."""
+    if not (experiment / "all" / "best.safetensors").is_file():
+        trained = _maskdist("train", "--shards", small_shards, "--out", experiment, "--fold", "all", "--epochs", "1", *FAST,
+                            cwd=experiment.parent)
+        assert trained.returncode == 0, trained.stderr[-2000:]
+    return experiment / "all"
+
+
+@pytest.mark.xdist_group("full-data")
+@pytest.mark.duration(40)
+def test_predict_takes_the_full_data_model_alone_and_beside_the_folds(experiment, full_model, small_shards, tmp_path):
+    common = ["--shards", small_shards, "--workers", "0", "--decisions", "argmax"]
+    alone = _maskdist("predict", full_model, "--out", tmp_path / "alone.csv", *common, cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    solo = np.load(tmp_path / "alone.probs.npz")
+    assert solo["folds"].tolist() == [FULL_DATA_FOLD]
+    assert [m["fold"] for m in json.loads((tmp_path / "alone.predict.json").read_text())["members"]] == ["all"]
+
+    beside = _maskdist("predict", experiment, full_model, "--full-weight", "0.4", "--out", tmp_path / "beside.csv", *common,
+                       cwd=tmp_path)
+    assert beside.returncode == 0, beside.stderr[-2000:]
+    both = np.load(tmp_path / "beside.probs.npz")
+    assert both["folds"].tolist() == [0, 1, 2, FULL_DATA_FOLD]
+    np.testing.assert_allclose(both["weights"], [0.2, 0.2, 0.2, 0.4], atol=1e-6)  # 0.4 to it, the rest shared by the folds
+    assert both["image_id"].tolist() == solo["image_id"].tolist()
+    np.testing.assert_allclose(both["fold_probs"][:, 3], solo["probs"], atol=1e-5)  # the same model's vote
+    np.testing.assert_allclose(both["probs"], 0.4 * solo["probs"] + 0.6 * both["fold_probs"][:, :3].mean(axis=1), atol=1e-5)
+
+    folds_only = _maskdist("predict", experiment, "--out", tmp_path / "folds.csv", *common, cwd=tmp_path)
+    assert folds_only.returncode == 0 and "(the full-data model) does not vote: name it too" in folds_only.stderr
+    assert np.load(tmp_path / "folds.probs.npz")["folds"].tolist() == [0, 1, 2]
+
+    pointless = _maskdist("predict", full_model, "--full-weight", "0.4", "--out", tmp_path / "x.csv", *common, cwd=tmp_path)
+    assert pointless.returncode == 2 and "--full-weight needs a full-data model beside its experiment's folds" in pointless.stderr
+    assert not (tmp_path / "x.csv").exists()
+
+    # oof says it leaves the full-data model out, and refuses it named alone
+    figures = _maskdist("oof", experiment, cwd=tmp_path)
+    assert figures.returncode == 0 and "the full-data model has no out-of-fold rows" in figures.stderr
+    named = _maskdist("oof", full_model, cwd=tmp_path)
+    assert named.returncode == 2 and "has no out-of-fold predictions" in named.stderr and "Traceback" not in named.stderr
+
+
+def test_predict_refuses_an_out_folder_a_live_run_holds(tmp_path):
+    held = tmp_path / "held"
+    held.mkdir()
+    with FolderLock(held, command="a test standing in for a live run").acquire():  # this test process is the live holder
+        refused = _maskdist("predict", tmp_path / "runs", "--shards", "unused", "--out", held / "sub.csv", cwd=tmp_path)
+    assert refused.returncode == 2 and f"{held} is in use by" in refused.stderr and "Traceback" not in refused.stderr
+    assert not list(held.glob("sub*"))

@@ -48,12 +48,15 @@ def _is_main() -> bool:
 @_vote_options
 @click.option("--timeout-s", type=int, default=1800, show_default=True, help="Collective-operation timeout (a hung rank becomes an error).")
 @click.option("--allow-unfinished", is_flag=True, help=UNFINISHED_HELP)
+@click.option("--full-weight", type=float, default=None,
+              help="The full-data model's share of its experiment's vote, 0..1 (default: as one fold's).")
 def predict(runs, shards, eval_dir, info_csv, out, weighting, decisions, tta, batch_size, workers, precision, timeout_s,
-            allow_unfinished):
+            allow_unfinished, full_weight):
     """The ensemble votes on the eval set and writes the submission.
 
     RUNS: experiment folders (all of their fold<K>; several experiments vote together) or
-    fold run folders one by one.
+    run folders one by one; the full-data model (RUNS/all) votes when named, alone or
+    beside its experiment's folds.
     """
     from maskdist.system import parallel
 
@@ -63,7 +66,7 @@ def predict(runs, shards, eval_dir, info_csv, out, weighting, decisions, tta, ba
 
     summary = predict_api.predict(runs, out, shards=shards, eval_dir=eval_dir, info_csv=info_csv, weighting=weighting,
                                   tta=tta, batch_size=batch_size, workers=workers, precision=precision, timeout_s=timeout_s,
-                                  decisions=decisions, allow_unfinished=allow_unfinished)
+                                  decisions=decisions, allow_unfinished=allow_unfinished, full_weight=full_weight)
     if summary["processes"] == 1 or _is_main():
         for note in summary["notes"]:
             click.echo(f"note: {note}", err=True)
@@ -109,7 +112,7 @@ def oof(experiments, tune, out, force, allow_unfinished, as_json):
     tuned = oof_api.tune_decisions(list(experiments), out, force, allow_unfinished) if tune else None
     if as_json:
         data = {"folds": {k: v.to_dict() for k, v in result["folds"].items()}, "oof": result["oof"].to_dict(),
-                "unfinished": result["unfinished"]}
+                "unfinished": result["unfinished"], "ignored": result["ignored"]}
         if "blend" in result:
             data["blend"] = result["blend"].to_dict()
             data["experiments"] = {k: v["oof"].macro_f1 for k, v in result["experiments"].items()}
@@ -119,6 +122,8 @@ def oof(experiments, tune, out, force, allow_unfinished, as_json):
         return
     for note in result["unfinished"]:
         click.echo(f"note: unfinished fold read: {note}", err=True)
+    for note in result["ignored"]:
+        click.echo(f"note: {note}", err=True)
     for fold, scores in sorted(result["folds"].items()):
         click.echo(f"fold {fold}: macro F1 {scores.macro_f1:.4f} ({scores.samples} images)")
     click.echo(scoring.describe_scores(result["oof"], "out-of-fold: "))

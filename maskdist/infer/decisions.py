@@ -227,9 +227,10 @@ def resolve(choice: str, runs, experiments: Sequence[Path]) -> Applied:
         if choice == "tuned":
             return Applied("argmax", note=f"{why}: deciding by argmax")
         raise MaskdistError(f"{why}: re-run maskdist oof with these experiments --tune, or pass --decisions argmax")
-    have = sorted((m["experiment"], m["fold"], m["epoch"]) for m in (_member(r, base) for r in runs))
+    # the full-data model has no OOF rows to tune on: it votes under its folds' decisions
+    have = sorted((m["experiment"], m["fold"], m["epoch"]) for m in (_member(r, base) for r in runs if not r.full_data))
     tuned_on = sorted((m["experiment"], m["fold"], m["epoch"]) for m in data["members"])
-    if have != tuned_on:
+    if have and have != tuned_on:
         why = f"{path} was tuned on other fold models than these (retrained, or a different set of folds)"
         if choice == "tuned":  # stale: not "present" (a kfold that retrained folds still predicts)
             return Applied("argmax", note=f"{why}: deciding by argmax; re-run maskdist oof RUNS --tune")

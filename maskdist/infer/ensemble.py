@@ -6,7 +6,8 @@ face crop. They are grouped by input size and crop (:class:`InputGroup`): each g
 normalised with its own mean and std on the device. The vote is the weighted mean of the
 models' 18-class probabilities: inside an experiment its folds weigh equally (or by their
 validation F1), and experiments weigh equally unless tuned weights are given
-(:mod:`maskdist.infer.decisions`).
+(:mod:`maskdist.infer.decisions`). A full-data model named beside its experiment's folds
+votes as one more fold, or with the share of the experiment's vote it is given.
 
 Runs on any number of processes: each process predicts its own share of the images, then
 ``gather_object`` collects ``(key, probabilities)`` rows on every process and duplicates are
@@ -98,7 +99,21 @@ class Ensemble:
         return self.experiments.index(member.run.experiment)
 
 
-def _within_experiment(runs: Sequence[FoldRun], weighting: str) -> np.ndarray:
+def _within_experiment(runs: Sequence[FoldRun], weighting: str, full_weight: float | None = None) -> np.ndarray:
+    """Weights of one experiment's models, summing to 1. Full-data models (no validation F1)
+    share ``full_weight`` of it (default: as many folds' worth as they are models)."""
+    full = np.array([r.full_data for r in runs])
+    if full.any() and not full.all():
+        share = full.mean() if full_weight is None else full_weight
+        folds = _fold_weights([r for r in runs if not r.full_data], weighting)
+        weights = np.zeros(len(runs))
+        weights[full] = share / full.sum()
+        weights[~full] = (1 - share) * folds
+        return weights
+    return _fold_weights(runs, weighting) if not full.any() else np.full(len(runs), 1 / len(runs))
+
+
+def _fold_weights(runs: Sequence[FoldRun], weighting: str) -> np.ndarray:
     if weighting == "f1":
         f1 = np.array([float(r.card["metrics"]["macro_f1"]) for r in runs])
         if f1.sum() > 0:
@@ -107,12 +122,15 @@ def _within_experiment(runs: Sequence[FoldRun], weighting: str) -> np.ndarray:
 
 
 def load_ensemble(sources: Sequence[str | os.PathLike | FoldRun], weighting: str = "uniform", device: torch.device | str = "cpu",
-                  allow_unfinished: bool = False, experiment_weights: Sequence[float] | None = None) -> Ensemble:
+                  allow_unfinished: bool = False, experiment_weights: Sequence[float] | None = None,
+                  full_weight: float | None = None) -> Ensemble:
     """Load the fold models of ``sources`` (folders, see :func:`maskdist.infer.members.find_members`,
-    or the runs it found); refuse models that disagree on classes or the metric's age cut."""
+    or the runs it found); refuse models that disagree on classes or the metric's age cut.
+    ``full_weight``: the full-data models' share of their experiment's vote."""
     if weighting not in WEIGHTINGS:
         raise MaskdistError(f"unknown ensemble weighting {weighting!r}: choose {' or '.join(WEIGHTINGS)}")
     runs = list(sources) if sources and all(isinstance(s, FoldRun) for s in sources) else find_members(sources, allow_unfinished)
+    check_full_weight(runs, full_weight)
     device = torch.device(device)
     members = []
     for run in runs:
@@ -140,13 +158,24 @@ def load_ensemble(sources: Sequence[str | os.PathLike | FoldRun], weighting: str
     weights = np.zeros(len(members))
     for e, experiment in enumerate(experiments):
         inside = [i for i, r in enumerate(runs) if r.experiment == experiment]
-        weights[inside] = between[e] * _within_experiment([runs[i] for i in inside], weighting)
+        weights[inside] = between[e] * _within_experiment([runs[i] for i in inside], weighting, full_weight)
     groups: dict[tuple, InputGroup] = {}
     for i, member in enumerate(members):
         size = (int(member.card["image"]["resize"]), int(member.card["image"]["crop"]))
         policy = json.dumps(face_crop.policy_of(member.card), sort_keys=True)
         groups.setdefault((*size, policy), InputGroup(*size, [], member.card)).members.append(i)
     return Ensemble(members, weights, experiments, between, list(groups.values()))
+
+
+def check_full_weight(runs: Sequence[FoldRun], full_weight: float | None) -> None:
+    """``--full-weight`` needs a full-data model beside folds of its experiment, and a share in (0, 1)."""
+    if full_weight is None:
+        return
+    if not 0 < full_weight < 1:
+        raise MaskdistError(f"--full-weight {full_weight}: give the full-data model's share of the vote, between 0 and 1")
+    beside = {r.experiment for r in runs if r.full_data} & {r.experiment for r in runs if not r.full_data}
+    if not beside:
+        raise MaskdistError("--full-weight needs a full-data model beside its experiment's folds: pass RUNS and RUNS/all")
 
 
 class FolderImages(Dataset):

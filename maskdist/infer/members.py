@@ -6,6 +6,9 @@ An experiment folder holds ``fold<K>`` run folders, one per fold 0..k-1 of the k
 were trained with (:func:`experiment_runs` lists them; further kinds of run folder inside an
 experiment would be added there). A fold that did not finish its schedule is refused, naming
 where it stopped, unless the caller allows it; the ensemble then records it.
+
+The full-data model (``all/``, trained on every fold) votes only when its folder is named:
+it has no out-of-fold rows, so an experiment folder means its folds alone.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from maskdist.train import checkpoint
 from maskdist.train.state import fold_finished, fold_status
 
 FOLD_DIR = re.compile(r"fold(\d+)")
+FULL_DATA = "all"  # the full-data model's fold name and run folder (train --fold all)
 
 
 @dataclass
@@ -33,12 +37,17 @@ class FoldRun:
     stopped: str = ""  # where an unfinished fold stopped; "" when it finished
 
     @property
-    def fold(self) -> int:
-        return int(self.card["fold"])
+    def full_data(self) -> bool:
+        return self.card["fold"] == FULL_DATA
+
+    @property
+    def fold(self) -> int | str:
+        """The held-out fold, or ``"all"`` for the full-data model."""
+        return FULL_DATA if self.full_data else int(self.card["fold"])
 
     @property
     def name(self) -> str:
-        return f"{self.experiment.name}/fold{self.fold}"
+        return f"{self.experiment.name}/{FULL_DATA if self.full_data else f'fold{self.fold}'}"
 
 
 def stop_point(run_dir: Path) -> str:
@@ -92,6 +101,9 @@ def find_members(sources: Sequence[str | os.PathLike], allow_unfinished: bool = 
                 raise MaskdistError(f"{source / checkpoint.WEIGHTS} not found: fold {runs[-1].fold} did not finish training; resume it")
         else:
             runs.extend(_experiment(source))
+    same_experiment: dict[Path, Path] = {}
+    for run in runs:  # RUNS and RUNS/all are of one experiment however each was spelt
+        run.experiment = same_experiment.setdefault(run.experiment.resolve(), run.experiment)
     seen: dict[Path, Path] = {}
     for run in runs:
         key = run.run_dir.resolve()
@@ -107,6 +119,17 @@ def find_members(sources: Sequence[str | os.PathLike], allow_unfinished: bool = 
         raise MaskdistError(f"unfinished fold(s): {'; '.join(unfinished)}: resume them (maskdist kfold, or train --resume),"
                             " or pass --allow-unfinished to use them as they are")
     return runs
+
+
+def unnamed_full_data(sources: Sequence[str | os.PathLike], runs: Sequence[FoldRun]) -> list[str]:
+    """Notes on experiments given whose full-data model exists but was not named (so does not vote)."""
+    named = {r.run_dir.resolve() for r in runs if r.full_data}
+    notes = []
+    for source in map(Path, sources):
+        full = source / FULL_DATA
+        if not (source / checkpoint.MODEL_JSON).exists() and (full / checkpoint.WEIGHTS).is_file() and full.resolve() not in named:
+            notes.append(f"{full} (the full-data model) does not vote: name it too to add it ({source} {full})")
+    return notes
 
 
 def unfinished(runs: Sequence[FoldRun]) -> list[str]:

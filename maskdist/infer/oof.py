@@ -22,9 +22,9 @@ from maskdist import metrics
 from maskdist.data import labels
 from maskdist.errors import MaskdistError
 from maskdist.infer import decisions
-from maskdist.infer.members import FoldRun, find_members, unfinished
+from maskdist.infer.members import FULL_DATA, FoldRun, find_members, unfinished
 from maskdist.system.fileio import atomic_write_json
-from maskdist.train.checkpoint import OOF
+from maskdist.train.checkpoint import MODEL_JSON, OOF
 
 PROB_COLUMNS = [f"p{c:02d}" for c in range(labels.NUM_CLASSES)]
 
@@ -62,6 +62,10 @@ def _read(run: FoldRun) -> pd.DataFrame:
 def load_oof(sources: Sequence[str | os.PathLike], allow_unfinished: bool = False) -> OofSet:
     """The OOF rows of every experiment of ``sources`` (see :func:`find_members`)."""
     runs = find_members(sources, allow_unfinished)
+    full = [str(r.run_dir) for r in runs if r.full_data]
+    if full:
+        raise MaskdistError(f"{', '.join(full)}: the full-data model has no out-of-fold predictions (nothing was held out);"
+                            " pass the experiment folder for its folds' figures")
     experiments = list(dict.fromkeys(r.experiment for r in runs))
     frames, per_fold = [], {}
     for e, experiment in enumerate(experiments):
@@ -91,7 +95,9 @@ def oof_scores(experiment: str | os.PathLike | Sequence[str | os.PathLike], allo
     sources = [experiment] if isinstance(experiment, (str, os.PathLike)) else list(experiment)
     oof = load_oof(sources, allow_unfinished)
     scores = [metrics.score(oof.label_true, oof.preds[:, e]) for e in range(len(oof.experiments))]
-    result = {"folds": oof.per_fold[0], "oof": scores[0], "samples": len(oof.keys), "unfinished": oof.unfinished}
+    result = {"folds": oof.per_fold[0], "oof": scores[0], "samples": len(oof.keys), "unfinished": oof.unfinished,
+              "ignored": [f"{p / FULL_DATA}: the full-data model has no out-of-fold rows, so these figures leave it out"
+                          for p in map(Path, sources) if (p / FULL_DATA / MODEL_JSON).is_file()]}
     if len(oof.experiments) > 1:
         result["experiments"] = {str(p): {"oof": s, "folds": oof.per_fold[e]} for e, (p, s) in enumerate(zip(oof.experiments, scores))}
         result["blend"] = metrics.score(oof.label_true, oof.probs.mean(axis=1).argmax(axis=1))

@@ -22,13 +22,15 @@ from maskdist import streams
 from maskdist.data import layout
 from maskdist.errors import MaskdistError
 from maskdist.infer import decisions as decisions_mod
-from maskdist.infer.ensemble import Ensemble, InputGroup, folder_loader, load_ensemble, mix, pin_memory, vote
-from maskdist.infer.members import FoldRun, find_members, trained_precision, unfinished
+from maskdist.infer.ensemble import Ensemble, InputGroup, check_full_weight, folder_loader, load_ensemble, mix, pin_memory, vote
+from maskdist.infer.members import FoldRun, find_members, trained_precision, unfinished, unnamed_full_data
+from maskdist.infer.scoring import FULL_DATA_FOLD
 from maskdist.shards import crop as face_crop
 from maskdist.shards.format import eval_key
 from maskdist.shards.manifest import open_shard_set
 from maskdist.system import distributed
 from maskdist.system.fileio import atomic_path, atomic_write_json
+from maskdist.system.lock import check_free
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")  # auto: the precision the folds were trained with
 
@@ -110,11 +112,13 @@ def resolve_precision(precision: str, sources: Sequence[str | os.PathLike | Fold
 
 
 def prepare(sources, weighting: str, decisions: str, precision: str, timeout_s: int, allow_unfinished: bool,
-            accelerator=None) -> tuple[Ensemble, decisions_mod.Applied, object, list[str]]:
+            accelerator=None, full_weight: float | None = None) -> tuple[Ensemble, decisions_mod.Applied, object, list[str]]:
     """The accelerator (in the resolved precision), the ensemble (weighted by the decisions'
-    experiment weights when they have them) and the decisions; notes for the user."""
-    notes = []
+    experiment weights when they have them) and the decisions; notes for the user.
+    ``full_weight``: a full-data model's share of its experiment's vote."""
     runs = find_members(sources, allow_unfinished)
+    check_full_weight(runs, full_weight)
+    notes = unnamed_full_data(sources, runs)
     if accelerator is None:
         precision, note = resolve_precision(precision, runs)
         notes += [note] if note else []
@@ -122,7 +126,7 @@ def prepare(sources, weighting: str, decisions: str, precision: str, timeout_s: 
     experiments = list(dict.fromkeys(r.experiment for r in runs))
     applied = decisions_mod.resolve(decisions, runs, experiments)
     notes += [applied.note] if applied.note else []
-    ensemble = load_ensemble(runs, weighting, accelerator.device, allow_unfinished, applied.experiment_weights)
+    ensemble = load_ensemble(runs, weighting, accelerator.device, allow_unfinished, applied.experiment_weights, full_weight)
     stopped = unfinished([m.run for m in ensemble.members])
     if stopped:
         notes.append(f"voting with unfinished fold(s): {'; '.join(stopped)}")
@@ -162,14 +166,18 @@ def predict(
     accelerator=None,
     decisions: str = "tuned",
     allow_unfinished: bool = False,
+    full_weight: float | None = None,
 ) -> dict:
     """Write ``out`` (the submission), its ``.probs.npz`` and its ``.predict.json``; return a summary.
 
     ``decisions``: ``tuned`` (the experiment's tuned decisions when it has them, else the
-    argmax), ``argmax``, or a decisions file. ``precision``: ``auto`` takes the folds'."""
+    argmax), ``argmax``, or a decisions file. ``precision``: ``auto`` takes the folds'.
+    ``full_weight``: the full-data model's share of its experiment's vote (default: one fold's)."""
     if (shards is None) == (eval_dir is None):
         raise MaskdistError("pass either --shards (the shard set's eval part) or --eval-dir (a competition eval folder)")
-    ensemble, applied, accelerator, notes = prepare(sources, weighting, decisions, precision, timeout_s, allow_unfinished, accelerator)
+    check_free(Path(out).parent)  # not into a folder a live run writes (a fold's, or a kfold's experiment)
+    ensemble, applied, accelerator, notes = prepare(sources, weighting, decisions, precision, timeout_s, allow_unfinished, accelerator,
+                                                  full_weight)
     eval_set = ShardEval(shards, info_csv) if shards is not None else FolderEval(eval_dir)
     pin = pin_memory(accelerator.device)
 
@@ -200,7 +208,7 @@ def predict(
         with atomic_path(probs_path(out)) as tmp, open(tmp, "wb") as handle:
             np.savez_compressed(handle, image_id=np.array(eval_set.info["ImageID"], dtype=str), probs=mixed,
                                 fold_probs=per_fold.astype(np.float32), weights=ensemble.weights.astype(np.float32),
-                                folds=np.array([m.run.fold for m in ensemble.members]),
+                                folds=np.array([FULL_DATA_FOLD if m.run.full_data else m.run.fold for m in ensemble.members]),
                                 decisions=np.array(applied.name), class_weights=class_weights.astype(np.float32),
                                 unfinished=np.array(summary["unfinished"], dtype=str))
         atomic_write_json(record_path(out), describe_ensemble(ensemble, applied, used_precision)

@@ -23,6 +23,7 @@ from maskdist.infer.ensemble import folder_loader, mix, pin_memory, vote
 from maskdist.infer.predict import prepare
 from maskdist.system import distributed
 from maskdist.system.fileio import atomic_path
+from maskdist.system.lock import check_free
 
 
 @dataclass
@@ -123,6 +124,7 @@ def pseudo_label(
         if pattern.groups < 1:
             raise MaskdistError(f"--age-from-filename {age_from_filename!r} needs a group around the age, e.g. '_(\\d+)\\.'")
     out = Path(out)
+    check_free(out.parent)  # not into a folder a live run writes
     images = list_images(Path(images_dir))
     if not images:
         raise MaskdistError(f"{images_dir} holds no .jpg/.jpeg/.png images")

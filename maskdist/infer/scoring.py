@@ -12,6 +12,8 @@ from maskdist import metrics
 from maskdist.data import labels, layout
 from maskdist.errors import MaskdistError
 
+FULL_DATA_FOLD = -1  # the full-data model's entry in a prediction's integer fold array (.probs.npz)
+
 
 def _labels_column(frame: pd.DataFrame, path: Path) -> np.ndarray:
     try:
@@ -69,12 +71,15 @@ def ensemble_and_folds(probs_npz: str | os.PathLike, answers: str | os.PathLike)
     if missing:
         raise MaskdistError(f"{answers} lacks {len(missing)} of the predicted images: pass the answers of this eval set")
     y = truth.loc[list(saved["image_id"]), "ans"].astype(int).to_numpy()
-    folds = {int(k): metrics.score(y, saved["fold_probs"][:, i].argmax(axis=1)).macro_f1 for i, k in enumerate(saved["folds"])}
+    alone = {int(k): metrics.score(y, saved["fold_probs"][:, i].argmax(axis=1)).macro_f1 for i, k in enumerate(saved["folds"])}
+    full_data = alone.pop(FULL_DATA_FOLD, None)  # the full-data model, when it voted
+    folds = alone
     weights = saved["class_weights"] if "class_weights" in saved.files else np.ones(labels.NUM_CLASSES)
     decided = (saved["probs"] * weights[None, :]).argmax(axis=1)
     return {"ensemble": metrics.score(y, decided).macro_f1, "ensemble_argmax": metrics.score(y, saved["probs"].argmax(axis=1)).macro_f1,
             "decisions": str(saved["decisions"]) if "decisions" in saved.files else "argmax",
-            "folds": folds, "fold_mean": float(np.mean(list(folds.values())))}
+            "folds": folds, "fold_mean": float(np.mean(list(folds.values()))) if folds else float("nan"),
+            **({"full_data": full_data} if full_data is not None else {})}
 
 
 def placeholder_warning(answers: str | os.PathLike) -> str:
