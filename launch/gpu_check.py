@@ -54,7 +54,7 @@ def _run(args, steps: int, precision: str):
 
     overrides = dict(shards=args.shards, out=tempfile.mkdtemp(), model=args.model, batch_size=args.batch_size,
                      resize=args.resize, crop=args.crop, precision=precision, workers=args.workers, max_steps=steps,
-                     log_every=max(1, steps // 2), epochs=1)
+                     log_every=max(1, steps // 2), epochs=1, pretrained="none")  # speed and correctness: no download
     cfg = config_mod.load(args.config, overrides)
     run = setup(cfg)
     return run, lambda epoch: train_epoch(run, epoch, EpochTally())

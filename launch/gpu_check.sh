@@ -28,6 +28,7 @@
 #   PEOPLE (2700) EVAL_PEOPLE (1800) MODEL (efficientnet_b3) BATCH (128) CROP (150) RESIZE (224)
 #   PRECISION (bf16) WORKERS (4,8,16) TRAIN_WORKERS (8) STEPS (100) FOLD_STEPS (20) FOLDS (5)
 #   NPROC (cores for synth and shards) TARGET_IMG_S (5000) SECTIONS (all of the above)
+#   PRETRAINED (none: the checks measure speed and correctness, and need no network; hub or FILE)
 set -uo pipefail
 WORK=${1:-gpu_check}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -54,6 +55,7 @@ FOLD_STEPS=${FOLD_STEPS:-20}
 FOLDS=${FOLDS:-5}
 NPROC=${NPROC:-$(nproc)}
 TARGET_IMG_S=${TARGET_IMG_S:-5000}
+PRETRAINED=${PRETRAINED:-none}
 SECTIONS=${SECTIONS:-machine data bench_train batch_sweep bench_epoch sync_debug fp16 compile_predict roundtrip sigterm_resume strong predict agreement profile}
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
@@ -64,7 +66,8 @@ maskdist=("$PY" -m maskdist)
 check=("$PY" "$here/gpu_check.py")
 shards="$WORK/shards"
 sizes=(--model "$MODEL" --batch-size "$BATCH" --resize "$RESIZE" --crop "$CROP")
-train=("${maskdist[@]}" train --config recipe --shards "$shards" "${sizes[@]}" --precision "$PRECISION" --workers "$TRAIN_WORKERS")
+train=("${maskdist[@]}" train --config recipe --shards "$shards" "${sizes[@]}" --precision "$PRECISION" --workers "$TRAIN_WORKERS"
+       --pretrained "$PRETRAINED")
 
 json() { "${check[@]}" json "$1"; }
 
@@ -159,7 +162,7 @@ sigterm_resume() {
 strong() {
   rm -rf "$WORK/runs_strong"
   "${maskdist[@]}" train --config strong --shards "$shards" --fold 0 --out "$WORK/runs_strong" --epochs 1 --max-steps 10 \
-    "${sizes[@]}" --precision "$PRECISION" --workers "$TRAIN_WORKERS" > "$WORK/strong.log" 2>&1 || { tail -3 "$WORK/strong.log"; return 1; }
+    "${sizes[@]}" --precision "$PRECISION" --workers "$TRAIN_WORKERS" --pretrained "$PRETRAINED" > "$WORK/strong.log" 2>&1 || { tail -3 "$WORK/strong.log"; return 1; }
   echo "PASS strong preset: $(grep -o 'epoch 0: .*' "$WORK/strong.log" | head -1)"
 }
 

@@ -37,7 +37,7 @@ fi
 [ -f "$shards/manifest.json" ] || { echo "multi_gpu_check: no shards in $shards: run launch/gpu_check.sh $WORK first" >&2; exit 2; }
 launch=("$PY" -m accelerate.commands.launch --multi_gpu --num_processes "$NPROC_GPU" --num_machines 1 --mixed_precision "$PRECISION" --dynamo_backend no)
 train=(-m maskdist train --config recipe --shards "$shards" --model "$MODEL" --batch-size "$BATCH" --resize "$RESIZE" --crop "$CROP"
-       --precision "$PRECISION" --workers 4 --timeout-s "$KILL_LIMIT_S")
+       --precision "$PRECISION" --workers 4 --timeout-s "$KILL_LIMIT_S" --pretrained "${PRETRAINED:-none}")
 
 collectives() {
   cat > "$WORK/collectives.py" <<'PY'

@@ -64,7 +64,9 @@ def wait_gone(idents: list[tuple[int, str]], timeout: float) -> list[tuple[int, 
         time.sleep(0.2)
 
 
-def wait_for(predicate, timeout: float, every: float = 0.2) -> bool:
+def wait_for(predicate, timeout: float, every: float = 0.01) -> bool:
+    """Poll ``predicate`` until true or ``timeout``. Often: a tiny model's steps take tens of
+    milliseconds, and a test that signals "after the Nth batch" must see it before the last."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

@@ -44,7 +44,7 @@ def test_the_full_data_model_trains_on_every_fold_for_the_folds_epochs_and_resum
     run = subprocess.Popen(train, env=launch_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True)
     batches = experiment / "all" / "batches" / "rank0.txt"
-    assert procs.wait_for(lambda: batches.exists() and len(batches.read_text().splitlines()) >= 1, 240, every=0.005)
+    assert procs.wait_for(lambda: batches.exists() and len(batches.read_text().splitlines()) >= 1, 240)
     procs.signal_frozen(run.pid, signal.SIGTERM)
     output = run.communicate(timeout=120)[0]
     assert run.returncode == PREEMPTED_EXIT, output[-2000:]

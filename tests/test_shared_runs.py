@@ -170,6 +170,24 @@ def _tb_steps(run_dir: Path, tag: str) -> list[int]:
     return [e.step for e in acc.Scalars(tag)]
 
 
+def test_torch_saves_short_write_on_a_full_disk_counts_as_a_full_disk(tmp_path):
+    """torch.save reports a failed write as "unexpected pos" without the errno; on a full
+    filesystem that is a full disk, elsewhere it stays what it is."""
+    import torch
+
+    from maskdist.system.fileio import is_disk_full
+
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "1m")
+    try:
+        with pytest.raises(Exception) as caught:  # noqa: PT011 (torch raises RuntimeError or OSError, by version)
+            torch.save({"w": torch.zeros(1 << 20)}, disk / "big.pt")  # 4 MB into 1 MB
+        assert is_disk_full(caught.value, disk)
+        assert not is_disk_full(RuntimeError("unexpected pos 1 vs 2"), tmp_path)  # the same words with space to spare
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
 @pytest.mark.duration(45)
 def test_ctrl_c_saves_a_damaged_state_falls_back_and_resume_keeps_its_settings(small_shards, tmp_path):
     out = tmp_path / "runs"

@@ -169,8 +169,9 @@ def bench_epoch(shards: str, workers: Sequence[int] = (1, 2), steps: int = 50, w
     if not workers or min(workers) < 0 or steps < 1 or warmup < 1:
         raise MaskdistError("bench epoch: --workers must be 0 or more, --steps and --warmup 1 or more")
     with tempfile.TemporaryDirectory(prefix="maskdist-bench-") as tmp:
+        # pretrained none: a speed benchmark needs no starting weights (and no network)
         cfg = config_mod.load(config, dict(overrides or {}, shards=str(shards), fold=fold, out=tmp, epochs=1,
-                                           workers=int(workers[0])))
+                                           workers=int(workers[0]), pretrained="none"))
         run = setup(cfg)
         result = EpochBench(str(shards), cfg.model, str(run.accelerator.device), cfg.precision, cfg.batch_size, cfg.crop)
         try:

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+FORKED = ""  # a role not known yet: a fork that has not exec'd its own program
+
 
 def _role(proc, root_pid: int) -> str:
     try:
@@ -32,6 +34,8 @@ def _role(proc, root_pid: int) -> str:
         return "resource tracker"
     if "forkserver" in command:
         return "worker" if "forkserver" in parent_command else "forkserver"
+    if command == parent_command:  # between fork and exec (a loaded machine widens that moment): ask again later
+        return FORKED
     if "accelerate" in command or "torch.distributed.run" in command:
         return "launcher"
     if "maskdist" in command:
@@ -107,6 +111,8 @@ def watch(command: Sequence[str], every: float = 1.0) -> MemoryTrace:
                 trace = traces.get(key)
                 if trace is None:
                     trace = traces[key] = ProcessTrace(member.pid, _role(member, proc.pid))
+                elif trace.role == FORKED:
+                    trace.role = _role(member, proc.pid)
                 trace.times.append(now)
                 trace.rss_mb.append(rss)
             time.sleep(every)
@@ -114,5 +120,7 @@ def watch(command: Sequence[str], every: float = 1.0) -> MemoryTrace:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+    for trace in traces.values():
+        trace.role = trace.role or "fork"  # never exec'd while sampled (a fork-context child)
     return MemoryTrace(list(command), proc.returncode, time.monotonic() - started, every,
                        [t for t in traces.values() if t.rss_mb])

@@ -19,24 +19,29 @@ from maskdist.errors import MaskdistError
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded")  # what libraries that wrap the OSError say
+# torch.save's zip writer loses the errno of a failed write and reports only the short write
+_SHORT_WRITE_TEXT = ("unexpected pos", "PytorchStreamWriter failed writing")
+LOW_SPACE_BYTES = 64 * 2**20  # a short write with less free than this is taken for a full disk
 
 
 class DiskFull(MaskdistError):
     """A write failed because the filesystem (or the user's quota) is full."""
 
 
-def is_disk_full(err: BaseException) -> bool:
+def is_disk_full(err: BaseException, path: str | os.PathLike | None = None) -> bool:
     """``err`` (or what it wraps) says the disk or the quota is full: an OSError with ENOSPC or
-    EDQUOT, or a library's error that carries its text (safetensors, tensorboard)."""
-    seen = set()
+    EDQUOT, or a library's error that carries its text (safetensors, tensorboard). With the
+    ``path`` written, also a short write (torch.save's) on a filesystem with almost no space left."""
+    seen, short_write = set(), False
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
             return True
         if any(text in str(err) for text in _DISK_FULL_TEXT):
             return True
+        short_write |= any(text in str(err) for text in _SHORT_WRITE_TEXT)
         err = err.__cause__ or err.__context__
-    return False
+    return short_write and path is not None and free_bytes(path) < LOW_SPACE_BYTES
 
 
 def free_bytes(path: str | os.PathLike) -> int:

@@ -223,7 +223,7 @@ def _disk_full_problem(write, tmp: Path, where: str) -> str | None:
     try:
         write()
     except Exception as err:
-        if not is_disk_full(err):
+        if not is_disk_full(err, tmp):
             raise
         return str(disk_full(tmp.with_name(STATE), what=f"the resumable state of {where} was not saved, the last saved state"
                              " stays loadable; after freeing space, --resume continues from it"))
