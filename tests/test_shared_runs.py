@@ -188,6 +188,33 @@ def test_torch_saves_short_write_on_a_full_disk_counts_as_a_full_disk(tmp_path):
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
+def test_a_changed_byte_of_the_same_size_is_caught_by_its_hash_and_the_state_before_it_is_used(tmp_path):
+    """The sizes alone would miss it: one byte flipped in place. A trainer.json that does not
+    parse falls back the same way when the fold's status is read."""
+    from maskdist.train.state import choose_state, fold_status, state_files, state_problem
+
+    def saved(folder: Path, step: int) -> Path:
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(os.urandom(4096))
+        trainer = {"epoch": 0, "step": step, "epoch_done": False, "files": state_files(folder)}
+        (folder / "trainer.json").write_text(json.dumps(trainer))
+        return folder
+
+    run = tmp_path / "fold0"
+    state, before = saved(run / "state", 8), saved(run / "state.old", 4)
+    assert state_problem(state) is None and state_problem(before) is None
+    data = bytearray((state / "model.safetensors").read_bytes())
+    data[100] ^= 0xFF
+    (state / "model.safetensors").write_bytes(bytes(data))
+    assert state_problem(state) == f"{state / 'model.safetensors'} differs from what the save wrote (sha256)"
+    chosen, trainer, warning = choose_state(run)
+    assert chosen == before and trainer["step"] == 4 and "sha256" in warning
+
+    (state / "trainer.json").write_text("{not json")
+    status = fold_status(run)
+    assert status.state == "interrupted" and status.step == 4  # read from state.old
+
+
 @pytest.mark.duration(45)
 def test_ctrl_c_saves_a_damaged_state_falls_back_and_resume_keeps_its_settings(small_shards, tmp_path):
     out = tmp_path / "runs"

@@ -76,13 +76,12 @@ def bench_onnx(runs: Sequence[str | Path], photos: Sequence[str | Path], tta: st
     """Run the benchmark (see the module docstring) on CPU."""
     import onnxruntime
 
-    members = find_members(runs, allow_unfinished)
-    ensemble = load_ensemble(members, "uniform", "cpu", allow_unfinished)
-    graph = export.EnsembleGraph(ensemble, tta).eval()
+    ensemble = load_ensemble(find_members(runs, allow_unfinished), "uniform", "cpu", allow_unfinished)
+    graph = export.EnsembleGraph(ensemble, tta).eval()  # the one graph both runtimes time
     batches = _batches(classify_mod.photos(photos), ensemble.groups[0], batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "ensemble.onnx"
-        export.export_onnx(runs, path, tta, decisions="argmax", allow_unfinished=allow_unfinished)
+        export.write_onnx(graph, path)
         options = onnxruntime.SessionOptions()
         # onnxruntime's idle threads spin for a while after each run: they would take the
         # cores from the PyTorch pass that follows

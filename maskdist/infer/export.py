@@ -54,7 +54,8 @@ def single_head(member: Member) -> nn.Module:
     if member.card.get("heads", "single") == "single":
         return member.model
     plain = create_model(member.card["architecture"], labels.NUM_CLASSES, member.card.get("drop_rate", 0.0), warn_random=False)
-    state = {k: v for k, v in member.model.state_dict().items() if not k.startswith(_classifier_prefix(member.model))}
+    head = _classifier_prefix(member.model)
+    state = {k: v for k, v in member.model.state_dict().items() if not k.startswith(head)}
     parts = member.model.get_classifier().layers()
     weight = sum(layer.weight[heads_mod.CLASS_PARTS[:, k]] for k, layer in enumerate(parts))
     bias = sum(layer.bias[heads_mod.CLASS_PARTS[:, k]] for k, layer in enumerate(parts))

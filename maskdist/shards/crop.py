@@ -235,7 +235,7 @@ class FaceCropped:
         self.output_size = transform.output_size
 
     def __call__(self, rgb: np.ndarray):
-        found, (x0, y0, x1, y1) = region_of(detect_face(rgb, self.policy), rgb.shape[0], rgb.shape[1], self.policy)
+        _found, (x0, y0, x1, y1) = region_of(detect_face(rgb, self.policy), rgb.shape[0], rgb.shape[1], self.policy)
         return self.transform(np.ascontiguousarray(rgb[y0:y1, x0:x1]))
 
 

@@ -50,7 +50,7 @@ class StreamLoader:
         self._warned: set[str] = set()
         kwargs = {}
         if self.workers > 0:
-            kwargs = dict(persistent_workers=persistent, worker_init_fn=parallel.worker_init(stream=True), prefetch_factor=prefetch_factor or 2,
+            kwargs = dict(persistent_workers=persistent, worker_init_fn=parallel.worker_init(stream=True), prefetch_factor=self.prefetch_factor,
                           multiprocessing_context=multiprocessing_context or parallel.context())
         # Its own generator: a DataLoader draws a seed from the global torch RNG whenever it
         # starts iterating, which would shift dropout's random stream between a run and its
@@ -145,10 +145,10 @@ def check_shared_memory(loaders: Iterable[StreamLoader], processes: int = 1, pat
         return need
     free = shutil.disk_usage(path).free
     if need > free:
-        workers = "+".join(str(loader.workers) for loader in loaders)
+        workers = "+".join(f"{loader.workers} workers x prefetch {loader.prefetch_factor}" for loader in loaders if loader.workers)
         raise MaskdistError(
             f"{path} has {free / 2**20:.0f} MB free, but the loaders' batches need about {need / 2**20:.0f} MB there"
-            f" ({workers} workers x prefetch 2 per process, {processes} process(es) on this machine): give the container"
+            f" ({workers} per process, {processes} process(es) on this machine): give the container"
             " more shared memory (docker run --shm-size=16g, or --ipc=host), or lower --workers / --val-workers / --batch-size")
     return need
 

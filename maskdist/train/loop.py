@@ -227,12 +227,11 @@ def _train_in(cfg: config_mod.TrainConfig, accelerator, start, epochs_source: di
         final = {"hparams/epochs": cfg.epochs} if cfg.full_data else {"hparams/best_macro_f1": best["macro_f1"],
                                                                         "hparams/best_epoch": best["epoch"]}
         trackers.log(others, final, cfg.epochs * steps)
+        run.writer.add_hparams(monitor.hparams(cfg.to_dict()), final, run_name=".")
         if cfg.full_data:
-            run.writer.add_hparams(monitor.hparams(cfg.to_dict()), final, run_name=".")
             accelerator.print(f"full-data model: {cfg.epochs} epochs on every fold, {best['weights']} weights of the last;"
                               f" run folder {run_dir}")
         else:
-            run.writer.add_hparams(monitor.hparams(cfg.to_dict()), final, run_name=".")
             accelerator.print(f"fold {cfg.fold}: best macro F1 {best['macro_f1']:.4f} at epoch {best['epoch']}; run folder {run_dir}")
     accelerator.end_training()
     return best

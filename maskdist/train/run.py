@@ -120,7 +120,8 @@ def setup(cfg: config_mod.TrainConfig, log_dir: Path | None = None, accelerator:
     model = create_model(cfg.model, drop_rate=cfg.drop_rate, pretrained_file=weights.path,
                          warn_random=accelerator.is_main_process, drop_path_rate=cfg.drop_path, heads=cfg.heads)
     mean, std = normalisation(model)
-    channels_last = accelerator.device.type == "cuda"
+    cuda = accelerator.device.type == "cuda"
+    channels_last = cuda  # cuda: NHWC batches and weights (cuDNN's fast layout); pinned loader memory
     model = prepare_for_device(model, accelerator.device)
     loss_fn = losses.make_loss(cfg.loss, counts, cfg.class_weights, cfg.gamma, cfg.label_smoothing, f1_weight=cfg.f1_weight,
                                heads=cfg.heads).to(accelerator.device)
@@ -135,7 +136,7 @@ def setup(cfg: config_mod.TrainConfig, log_dir: Path | None = None, accelerator:
     # Validation workers start for each pass and exit after it: idle all epoch otherwise.
     val_loader = None if cfg.full_data else streams.eval_loader(
         shard_set, fold=cfg.fold_number, batch_size=cfg.batch_size, rank=rank, world_size=world, workers=cfg.validation_workers(),
-        transform=eval_tf, pin_memory=channels_last, channels_last=channels_last, persistent=False)
+        transform=eval_tf, pin_memory=cuda, channels_last=channels_last, persistent=False)
 
     # Before any worker starts: the batches of every local process must fit in /dev/shm.
     streams.check_shared_memory([loader for loader in (train_data, val_loader) if loader is not None],

@@ -3,7 +3,6 @@ whether a fold has one or has finished its schedule.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -18,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from maskdist.errors import MaskdistError
 from maskdist.model.ema import Ema
-from maskdist.system import distributed
+from maskdist.system import distributed, fileio
 from maskdist.system.fileio import DiskFull, aside, atomic_write_json, dir_exists, disk_full, free_bytes, is_disk_full, recover_dir, rotate_dir
 from maskdist.train.checkpoint import CONFIG, MODEL_JSON, STATE, TRAINER_STATE, WEIGHTS
 
@@ -87,7 +86,7 @@ def fold_status(run_dir: Path) -> FoldStatus:
     run_dir = Path(run_dir)
     card_path = run_dir / MODEL_JSON
     card = json.loads(card_path.read_text()) if card_path.is_file() else None
-    trainer = load_trainer_state(run_dir) if dir_exists(run_dir / STATE) else None
+    trainer = _readable_trainer_state(run_dir) if dir_exists(run_dir / STATE) else None
     epochs = int(read_config(run_dir / CONFIG).get("epochs", 0)) if (run_dir / CONFIG).is_file() else 0
     if trainer is None:
         # A card without a state: a fold from before resumable states; it has its model.
@@ -98,6 +97,18 @@ def fold_status(run_dir: Path) -> FoldStatus:
     return FoldStatus("finished" if finished else "interrupted", epoch, step, epochs, done)
 
 
+def _readable_trainer_state(run_dir: Path) -> dict:
+    """The trainer state, from ``state.old`` when ``state/trainer.json`` does not read; ``{}``
+    (an interrupted fold, position unknown) when neither does."""
+    try:
+        return load_trainer_state(run_dir)
+    except (OSError, ValueError):
+        try:
+            return choose_state(run_dir)[1]
+        except MaskdistError:
+            return {}
+
+
 def fold_finished(run_dir: Path) -> bool:
     """The fold trained every epoch of its schedule and has its best model."""
     run_dir = Path(run_dir)
@@ -106,14 +117,8 @@ def fold_finished(run_dir: Path) -> bool:
 
 def state_files(state_dir: Path) -> dict[str, dict]:
     """Size and sha256 of every file of a state folder but ``trainer.json`` (which records them)."""
-    files = {}
-    for path in sorted(p for p in Path(state_dir).iterdir() if p.is_file() and p.name != TRAINER_STATE):
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        files[path.name] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
-    return files
+    return {path.name: {"bytes": path.stat().st_size, "sha256": fileio.sha256_file(path)}
+            for path in sorted(p for p in Path(state_dir).iterdir() if p.is_file() and p.name != TRAINER_STATE)}
 
 
 def state_problem(state_dir: Path) -> str | None:
@@ -133,12 +138,8 @@ def state_problem(state_dir: Path) -> str | None:
             return f"{path} is missing"
         if path.stat().st_size != expected["bytes"]:
             return f"{path} has {path.stat().st_size} bytes, the save wrote {expected['bytes']}"
-    recorded = trainer.get("files")
-    if recorded:
-        actual = state_files(state_dir)
-        for name, expected in recorded.items():
-            if actual[name]["sha256"] != expected["sha256"]:
-                return f"{Path(state_dir) / name} differs from what the save wrote (sha256)"
+        if fileio.sha256_file(path) != expected["sha256"]:
+            return f"{path} differs from what the save wrote (sha256)"
     return None
 
 
