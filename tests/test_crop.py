@@ -233,6 +233,16 @@ def test_build_train_predict_with_face_crop(face_shards, faces_data, small_shard
         result = predict(*source, "--out", str(tmp_path / f"{name}.csv"))
         assert result.returncode == 0, result.stderr[-3000:]
         assert len((tmp_path / f"{name}.csv").read_text().splitlines()) == 5
+    # an exported model holds no detector: each format says, in one line, which crop it needs
+    policy = crop.describe_policy(card["crop"])
+    for fmt, target in (("timm", tmp_path / "timm"), ("onnx", tmp_path / "face.onnx")):
+        result = subprocess.run([sys.executable, "-m", "maskdist", "export", str(run), "--format", fmt, "--out", str(target)],
+                                env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        warned = [line for line in result.stderr.splitlines() if "holds no detector" in line]
+        assert len(warned) == 1 and warned[0].startswith("warning: ") and policy in warned[0], result.stderr
+    assert "48x48 (the face crop resized to 64" in result.stdout
+
     # eval shards cropped otherwise than the models' training shards: refused in one line
     result = predict("--shards", str(small_shards), "--out", str(tmp_path / "mixed.csv"))
     assert result.returncode == 2 and not (tmp_path / "mixed.csv").exists()

@@ -228,5 +228,6 @@ def export(runs, fmt, out, tta, weighting, decisions, allow_unfinished):
             click.echo(f"wrote {folder} (timm.create_model('local-dir:{folder}'))")
         return
     done = export_api.export_onnx(list(runs), out, tta, weighting, decisions, allow_unfinished)
-    click.echo(f"wrote {done['out']}: {done['models']} model(s), input uint8 NHWC {done['crop']}x{done['crop']} (resize"
-               f" {done['resize']}, centre crop {done['crop']}), TTA {done['tta']}, decisions {done['decisions']}")
+    photo = "the face crop" if done["face_crop"] else "the photo"
+    click.echo(f"wrote {done['out']}: {done['models']} model(s), input uint8 NHWC {done['crop']}x{done['crop']} ({photo} resized"
+               f" to {done['resize']}, centre crop {done['crop']}), TTA {done['tta']}, decisions {done['decisions']}")

@@ -34,6 +34,7 @@ from maskdist.infer.ensemble import Ensemble, Member, load_ensemble
 from maskdist.infer.members import find_members
 from maskdist.model import heads as heads_mod
 from maskdist.model.factory import create_model
+from maskdist.shards import crop as face_crop
 from maskdist.system.fileio import atomic_path, replace_dir
 
 FORMATS = ("timm", "onnx")
@@ -43,7 +44,20 @@ ONNX_OPSET = 17
 def _ensemble(sources, weighting: str, decisions: str, allow_unfinished: bool) -> tuple[Ensemble, decisions_mod.Applied]:
     runs = find_members(sources, allow_unfinished)
     applied = decisions_mod.resolve(decisions, runs, list(dict.fromkeys(r.experiment for r in runs)))
-    return load_ensemble(runs, weighting, "cpu", allow_unfinished, applied.experiment_weights), applied
+    ensemble = load_ensemble(runs, weighting, "cpu", allow_unfinished, applied.experiment_weights)
+    _warn_of_face_crops(ensemble)
+    return ensemble, applied
+
+
+def _warn_of_face_crops(ensemble: Ensemble) -> None:
+    """An exported model holds no face detector: one trained on face crops gives poor answers
+    on whole photos, with nothing to say so. Said once per input group."""
+    for group in ensemble.groups:
+        policy = face_crop.policy_of(group.card)
+        if policy is not None:
+            warnings.warn(f"{ensemble.members[group.members[0]].run_dir}: trained with a {face_crop.describe_policy(policy)}; the"
+                          " exported model holds no detector, so feed it face crops made so, not whole photos"
+                          " (maskdist classify and predict crop them)", stacklevel=3)
 
 
 # --- timm's hub layout --------------------------------------------------------------------
@@ -160,4 +174,5 @@ def export_onnx(sources: Sequence[str | os.PathLike], out: str | os.PathLike, tt
     graph = EnsembleGraph(ensemble, tta, applied.class_weights)
     out = write_onnx(graph, out)
     return {"out": str(out), "models": len(ensemble.members), "resize": graph.resize, "crop": graph.crop, "tta": tta,
-            "decisions": applied.name, "members": [str(m.run_dir) for m in ensemble.members]}
+            "decisions": applied.name, "face_crop": face_crop.policy_of(ensemble.groups[0].card),
+            "members": [str(m.run_dir) for m in ensemble.members]}
