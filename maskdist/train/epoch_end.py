@@ -64,20 +64,24 @@ def finish_epoch(run: Run, epoch: int, tally: EpochTally, best: dict, skipped_hi
         if improved:
             best = {"macro_f1": scores.macro_f1, "epoch": epoch, "weights": weights, "part_f1": scores.part_f1,
                     "per_class_f1": scores.per_class_f1, "accuracy": scores.accuracy, "samples": scores.samples}
-            card = checkpoint.model_card(cfg.model, cfg.resize, cfg.crop, run.mean, run.std, run.shard_set.age_cut,
-                                         cfg.fold_number, epoch, best, cfg.drop_rate, heads=cfg.heads,
-                                     pretrained=run.pretrained)
-            card |= face_crop.card_entry(run.shard_set.manifest)  # the shards' crop, for predict to repeat
-            card["weights"] = weights  # live or ema: which weights best.safetensors holds
-            card["confusion"] = scores.confusion
-            card["train_folds"] = run.train_folds
-            card["data"] = data_summary(skipped_history)
-            card["finished"] = False  # True once the fold has trained its every epoch
-            card["epochs"] = cfg.epochs
-            checkpoint.save(run.run_dir, run.ema.module if weights == "ema" else run.module, card)
+            save_model(run, cfg.fold_number, epoch, best, skipped_history, confusion=scores.confusion)
             with atomic_path(run.run_dir / OOF) as tmp:
                 oof_frame(predictions, cfg.fold_number).to_csv(tmp, index=False, float_format="%.6g")
     return distributed.gather_rows([best], accelerator)[0]  # every rank agrees on the best (rank 0's)
+
+
+def save_model(run: Run, fold, epoch: int, best: dict, skipped_history: dict, **entries) -> None:
+    """Save the model of ``best`` (the weights it names: ``live`` or ``ema``) with its card;
+    ``entries`` are added to the card."""
+    cfg = run.cfg
+    card = checkpoint.model_card(cfg.model, cfg.resize, cfg.crop, run.mean, run.std, run.shard_set.age_cut, fold, epoch, best,
+                                 cfg.drop_rate, heads=cfg.heads, pretrained=run.pretrained)
+    card |= face_crop.card_entry(run.shard_set.manifest)  # the shards' crop, for predict to repeat
+    card.update(weights=best["weights"],  # live or ema: which weights best.safetensors holds
+                train_folds=run.train_folds, data=data_summary(skipped_history),
+                finished=False,  # True once the fold has trained its every epoch
+                epochs=cfg.epochs, **entries)
+    checkpoint.save(run.run_dir, run.ema.module if best["weights"] == "ema" else run.module, card)
 
 
 def _gather_skipped(accelerator: Accelerator, skipped: dict) -> dict:

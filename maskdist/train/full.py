@@ -16,9 +16,8 @@ from pathlib import Path
 
 from maskdist import config as config_mod
 from maskdist.errors import MaskdistError
-from maskdist.shards import crop as face_crop
 from maskdist.train import checkpoint, monitor
-from maskdist.train.epoch_end import data_summary, epoch_figures
+from maskdist.train.epoch_end import epoch_figures, save_model
 from maskdist.train.meters import EpochTally
 from maskdist.train.run import Run
 from maskdist.train.state import fold_finished
@@ -55,7 +54,7 @@ def resolve_epochs(cfg: config_mod.TrainConfig) -> tuple[config_mod.TrainConfig,
 def finish_full_epoch(run: Run, epoch: int, tally: EpochTally, skipped_history: dict, epochs_source: dict | None) -> dict:
     """Close an epoch of the full-data model: its line and scalars, and its weights as the
     model (the EMA's when kept); returns what stands for the best (this epoch)."""
-    cfg, accelerator = run.cfg, run.accelerator
+    accelerator = run.accelerator
     figures = epoch_figures(run, epoch, tally, skipped_history)
     sync_buffers(run)  # the saved model's BatchNorm statistics: the average of the ranks'
     weights = "ema" if run.ema is not None else "live"
@@ -64,11 +63,5 @@ def finish_full_epoch(run: Run, epoch: int, tally: EpochTally, skipped_history: 
         accelerator.log(monitor.scalars(figures["scalars"]), step=(epoch + 1) * run.steps_per_epoch)
         accelerator.print(f"epoch {epoch}: loss {figures['loss']:.4f}, {figures['rate']:.0f} img/s, data wait"
                           f" {100 * figures['wait']:.1f}%, no validation (full-data model)" + figures["skipped_text"])
-        card = checkpoint.model_card(cfg.model, cfg.resize, cfg.crop, run.mean, run.std, run.shard_set.age_cut,
-                                     config_mod.FULL_DATA, epoch, best, cfg.drop_rate, heads=cfg.heads,
-                                     pretrained=run.pretrained)
-        card |= face_crop.card_entry(run.shard_set.manifest)  # the shards' crop, for predict to repeat
-        card.update(weights=weights, train_folds=run.train_folds, data=data_summary(skipped_history), finished=False,
-                    epochs=cfg.epochs, validation=False, epochs_from=epochs_source)
-        checkpoint.save(run.run_dir, run.ema.module if run.ema is not None else run.module, card)
+        save_model(run, config_mod.FULL_DATA, epoch, best, skipped_history, validation=False, epochs_from=epochs_source)
     return best
