@@ -19,10 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from maskdist.data.images import ImageError, decode_rgb
 from maskdist.errors import MaskdistError
 from maskdist.infer import classify as classify_mod, export
-from maskdist.infer.ensemble import load_ensemble
+from maskdist.infer.ensemble import FolderImages, load_ensemble
 from maskdist.infer.members import find_members
 
 
@@ -59,13 +58,10 @@ class OnnxBench:
 
 
 def _batches(paths: Sequence[Path], group, batch_size: int) -> list[np.ndarray]:
-    transform = group.folder_transform()
-    images = []
-    for path in paths:
-        try:
-            images.append(transform(decode_rgb(path.read_bytes())).transpose(1, 2, 0))
-        except (ImageError, OSError):
-            continue
+    """The readable photos as the group's uint8 NHWC batches (decoded as classify decodes them)."""
+    keys = [str(p) for p in paths]
+    dataset = FolderImages(keys, keys, group.folder_transform())
+    images = [item["image"].transpose(1, 2, 0) for item in map(dataset.__getitem__, range(len(dataset))) if item["ok"]]
     if not images:
         raise MaskdistError("no readable photos to time")
     return [np.ascontiguousarray(np.stack(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]

@@ -224,7 +224,7 @@ def export(runs, fmt, out, tta, weighting, decisions, allow_unfinished):
     from maskdist.infer import export as export_api
 
     if fmt == "timm":
-        for folder in export_api.export_timm(list(runs), out, weighting, allow_unfinished):
+        for folder in export_api.export_timm(list(runs), out, allow_unfinished):
             click.echo(f"wrote {folder} (timm.create_model('local-dir:{folder}'))")
         return
     done = export_api.export_onnx(list(runs), out, tta, weighting, decisions, allow_unfinished)

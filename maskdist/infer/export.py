@@ -83,12 +83,11 @@ def _classifier_prefix(model: nn.Module) -> str:
     return next(name for name, module in model.named_modules() if module is head) + "."
 
 
-def export_timm(sources: Sequence[str | os.PathLike], out: str | os.PathLike, weighting: str = "uniform",
-                allow_unfinished: bool = False) -> list[Path]:
+def export_timm(sources: Sequence[str | os.PathLike], out: str | os.PathLike, allow_unfinished: bool = False) -> list[Path]:
     """Each fold model of ``sources`` to ``out/<experiment>-fold<K>/`` in timm's hub layout."""
     from timm.models import save_for_hf
 
-    ensemble, _ = _ensemble(sources, weighting, "argmax", allow_unfinished)
+    ensemble, _ = _ensemble(sources, "uniform", "argmax", allow_unfinished)  # each model on its own: no vote
     out = Path(out)
     names = [_folder_name(m, len(ensemble.experiments) > 1) for m in ensemble.members]
     written = []

@@ -24,7 +24,7 @@ from maskdist.train import checkpoint
 from maskdist.train.state import fold_finished, fold_status
 
 FOLD_DIR = re.compile(r"fold(\d+)")
-FULL_DATA = "all"  # the full-data model's fold name and run folder (train --fold all)
+FULL_DATA = config_mod.FULL_DATA  # the full-data model's fold name and run folder (train --fold all)
 
 
 @dataclass

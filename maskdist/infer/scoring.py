@@ -71,9 +71,8 @@ def ensemble_and_folds(probs_npz: str | os.PathLike, answers: str | os.PathLike)
     if missing:
         raise MaskdistError(f"{answers} lacks {len(missing)} of the predicted images: pass the answers of this eval set")
     y = truth.loc[list(saved["image_id"]), "ans"].astype(int).to_numpy()
-    alone = {int(k): metrics.score(y, saved["fold_probs"][:, i].argmax(axis=1)).macro_f1 for i, k in enumerate(saved["folds"])}
-    full_data = alone.pop(FULL_DATA_FOLD, None)  # the full-data model, when it voted
-    folds = alone
+    folds = {int(k): metrics.score(y, saved["fold_probs"][:, i].argmax(axis=1)).macro_f1 for i, k in enumerate(saved["folds"])}
+    full_data = folds.pop(FULL_DATA_FOLD, None)  # the full-data model, when it voted
     weights = saved["class_weights"] if "class_weights" in saved.files else np.ones(labels.NUM_CLASSES)
     decided = (saved["probs"] * weights[None, :]).argmax(axis=1)
     return {"ensemble": metrics.score(y, decided).macro_f1, "ensemble_argmax": metrics.score(y, saved["probs"].argmax(axis=1)).macro_f1,

@@ -172,7 +172,7 @@ def fetch(spec: str, out: Path | None = None) -> Weights:
     """``maskdist weights fetch``: fill the cache with ``spec``'s weights (an architecture,
     ``arch.tag``, or a repo id), and copy them to ``out`` (atomically) when given."""
     spec = spec.strip()
-    repo = repo_of(spec, spec) if (spec.startswith(HF_PREFIX) or "/" in spec) else hub_repo(spec)
+    repo = repo_of(spec, spec) or hub_repo(spec)
     weights = resolve(HF_PREFIX + repo, spec)
     if out is not None:
         out = Path(out)

@@ -102,7 +102,7 @@ def _is_collective_failure(err: BaseException) -> bool:
 
 def _train(cfg: config_mod.TrainConfig) -> dict:
     cfg, epochs_source = resolve_epochs(cfg)  # --epochs-from: the folds' choice
-    trackers.parse(cfg.log_with)  # on every rank, before any of them waits for another
+    tracker_names = trackers.parse(cfg.log_with)  # on every rank, before any of them waits for another
     run_dir = cfg.run_dir()
     accelerator = make_accelerator(cfg, log_dir=run_dir)
     if epochs_source and accelerator.is_main_process:
@@ -114,7 +114,7 @@ def _train(cfg: config_mod.TrainConfig) -> dict:
             accelerator.print(start.message)
         if start.nothing_to_do:
             return start.best or {}
-        return _train_in(cfg, accelerator, start, epochs_source)
+        return _train_in(cfg, accelerator, start, epochs_source, tracker_names)
 
 
 def _resume_point(run, trainer: dict) -> tuple[int, int, EpochTally]:
@@ -135,7 +135,8 @@ def _resume_point(run, trainer: dict) -> tuple[int, int, EpochTally]:
     return trainer["epoch"], 0, EpochTally()
 
 
-def _train_in(cfg: config_mod.TrainConfig, accelerator, start, epochs_source: dict | None = None) -> dict:
+def _train_in(cfg: config_mod.TrainConfig, accelerator, start, epochs_source: dict | None = None,
+              tracker_names: list[str] | None = None) -> dict:
     run_dir = cfg.run_dir()
     run = setup(cfg, accelerator=accelerator)
     main = run.main
@@ -156,7 +157,7 @@ def _train_in(cfg: config_mod.TrainConfig, accelerator, start, epochs_source: di
             purge = {"tensorboard": {"purge_step": start_epoch * steps + start_step + 1}} if resumed is not None else {}
             accelerator.init_trackers(TENSORBOARD, init_kwargs=purge)
             run.writer = accelerator.get_tracker("tensorboard", unwrap=True)
-            others = trackers.start(accelerator, trackers.parse(cfg.log_with), Path(cfg.out).name, run_dir.name, run_dir,
+            others = trackers.start(accelerator, tracker_names or [], Path(cfg.out).name, run_dir.name, run_dir,
                                     monitor.hparams(cfg.to_dict()))
             accelerator.print(
                 f"fold {cfg.fold}: {world} process(es) on {accelerator.device}, {sum(run.counts)} training samples, "
