@@ -5,6 +5,7 @@ launch/gpu_check.sh run CPU-sized (its plan, its budget, its closing table).
 No GPU exists here; nothing is mocked."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -202,6 +203,17 @@ def _table(results: str) -> dict[str, list[str]]:
     return {row[0][2:]: [*row[1:-1], row[-1].rstrip(" |")] for row in rows}
 
 
+def _end(script: subprocess.Popen, seen: dict) -> None:
+    """Whatever the outcome, end the script and every process seen below it (by id): a broken
+    script must not leave them running."""
+    if script.poll() is None:
+        script.kill()
+    for pid, _start in procs.wait_gone(sorted(seen), 0):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    script.wait()
+
+
 def _plan(tmp_path, *prefix, **settings) -> list[str]:
     run = subprocess.run([*prefix, "bash", str(GPU_CHECK)], env=_gpu_check_env(tmp_path, DRY_RUN="1", **settings), cwd=tmp_path,
                          capture_output=True, text=True, timeout=60)
@@ -287,16 +299,19 @@ def test_a_section_past_the_budget_is_stopped_with_its_processes_and_the_table_i
     script = subprocess.Popen(["bash", str(GPU_CHECK), str(tmp_path / "check")], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     seen = {}  # every process below the script, with its command line when first seen
-    while script.poll() is None:
-        for ident in procs.descendants(script.pid):
-            seen.setdefault(ident, procs.describe([ident]))
-        time.sleep(0.1)
-    output = script.communicate()[0]
-    elapsed = time.monotonic() - started
+    try:
+        while script.poll() is None and time.monotonic() - started < 300:
+            for ident in procs.descendants(script.pid):
+                seen.setdefault(ident, procs.describe([ident]))
+            time.sleep(0.1)
+        elapsed = time.monotonic() - started
+        output = script.communicate(timeout=1)[0] if script.poll() is not None else ""
+        left = procs.wait_gone(sorted(seen), 10)
+    finally:
+        _end(script, seen)
     assert script.returncode == 0, output[-3000:]
     assert any("maskdist synth" in command for command in seen.values()), seen
-    left = procs.wait_gone(sorted(seen), 10)
-    assert not left, procs.describe(left)
+    assert not left, left
     assert elapsed < 60, elapsed  # the budget, the stop's grace and the table; the synth alone would take minutes
     results = (tmp_path / "check" / "gpu_check_results.txt").read_text()
     table = _table(results)
@@ -323,12 +338,15 @@ def test_a_sigterm_stops_the_running_section_with_its_processes_and_still_writes
             seen.setdefault(ident, procs.describe([ident]))
         return any("maskdist synth" in command for command in seen.values())
 
-    assert procs.wait_for(synth_running, 120, every=0.1), seen
-    script.send_signal(signal.SIGTERM)
-    output = script.communicate(timeout=60)[0]
+    try:
+        assert procs.wait_for(synth_running, 120, every=0.1), seen
+        script.send_signal(signal.SIGTERM)
+        output = script.communicate(timeout=60)[0]
+        left = procs.wait_gone(sorted(seen), 10)
+    finally:
+        _end(script, seen)
     assert script.returncode == 128 + signal.SIGTERM, output[-3000:]
-    left = procs.wait_gone(sorted(seen), 10)
-    assert not left, procs.describe(left)
+    assert not left, left
     results = (tmp_path / "check" / "gpu_check_results.txt").read_text()
     table = _table(results)
     assert table["data"][0] == "FAIL" and table["data"][1].startswith("stopped by signal 15 after ")
