@@ -61,3 +61,22 @@ def test_checkpoint_round_trip_and_corrupt_weights(tmp_path):
     (tmp_path / checkpoint.MODEL_JSON).unlink()
     with pytest.raises(MaskdistError, match="model.json not found"):
         checkpoint.load(tmp_path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_and_temp_folders_take_the_mode_a_plain_open_gives(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        assert fileio.current_umask() == umask
+        (tmp_path / "plain.txt").write_text("x")
+        (tmp_path / "plain_dir").mkdir()
+        fileio.atomic_write_text(tmp_path / "atomic.txt", "x")
+        built = fileio.make_temp_dir(tmp_path / "export")
+    finally:
+        os.umask(old)
+
+    def mode(path):
+        return os.stat(path).st_mode & 0o777
+
+    assert mode(tmp_path / "atomic.txt") == mode(tmp_path / "plain.txt") == 0o666 & ~umask
+    assert mode(built) == mode(tmp_path / "plain_dir") == 0o777 & ~umask

@@ -410,6 +410,35 @@ def test_timm_export_loads_back_to_identical_logits(experiment, small_synth, tmp
         assert torch.allclose(torch.softmax(plain(x), 1), heads.probabilities(parts(x), "parts"), atol=1e-6)
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_are_readable_by_the_team_as_the_umask_says(experiment, small_shards, tmp_path, umask):
+    """Every file maskdist writes through a temporary name gets the mode a plain open() gives:
+    the fold's own files (written under this process's umask) and, under each umask, the
+    submission with its probabilities and record, and a timm export's folders and files."""
+    import os
+
+    def mode(path):
+        return os.stat(path).st_mode & 0o777
+
+    ours = os.umask(0)
+    os.umask(ours)
+    fold = experiment / "fold0"
+    for path in [fold / checkpoint.WEIGHTS, fold / checkpoint.MODEL_JSON, fold / "config.yaml", experiment / "experiment.yaml"]:
+        assert mode(path) == 0o666 & ~ours, path
+    env = launch_env(tmp_path)
+    sub, exported = tmp_path / "sub.csv", tmp_path / "timm"
+    for cmd in (["predict", str(experiment), "--shards", str(small_shards), "--out", str(sub), "--workers", "0", "--batch-size", "16"],
+                ["export", str(experiment), "--format", "timm", "--out", str(exported)]):
+        result = subprocess.run([sys.executable, "-m", "maskdist", *cmd], env=env, capture_output=True, text=True, timeout=300,
+                                preexec_fn=lambda: os.umask(umask))
+        assert result.returncode == 0, result.stderr[-3000:]
+    for path in [sub, probs_path(sub), sub.with_name(sub.stem + ".predict.json")]:
+        assert mode(path) == 0o666 & ~umask, path
+    folders = sorted(p for p in exported.iterdir())
+    assert folders and all(mode(f) == 0o777 & ~umask for f in folders)
+    assert {f.name: oct(mode(f)) for folder in folders for f in folder.iterdir() if mode(f) != 0o666 & ~umask} == {}
+
+
 ONNX_TOLERANCE = 1e-5  # largest |probability difference| allowed between onnxruntime and PyTorch (float32)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +34,7 @@ from maskdist.infer.members import find_members
 from maskdist.model import heads as heads_mod
 from maskdist.model.factory import create_model
 from maskdist.shards import crop as face_crop
-from maskdist.system.fileio import atomic_path, replace_dir
+from maskdist.system.fileio import atomic_path, give_plain_modes, make_temp_dir, replace_dir
 
 FORMATS = ("timm", "onnx")
 ONNX_OPSET = 17
@@ -98,11 +97,12 @@ def export_timm(sources: Sequence[str | os.PathLike], out: str | os.PathLike, al
                        "crop_pct": card["image"]["crop"] / card["image"]["resize"], "crop_mode": "center"}
         target = out / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+        tmp = make_temp_dir(target)
         try:
             save_for_hf(single_head(member), str(tmp), model_config={"label_names": list(card["classes"])}, safe_serialization=True,
                         data_config=data_config)
             (tmp / "maskdist.json").write_text(json.dumps(card, indent=1))  # where it came from: the run's model card
+            give_plain_modes(tmp)
             replace_dir(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,7 +1,10 @@
 """Atomic writes: a file is written under a temporary name beside its target, flushed to
 disk, then renamed over the target, so a kill mid-write leaves the previous file (or none),
 never a half-written one that looks complete. A full disk (or quota) during a write becomes
-one :class:`DiskFull` line that names the path and the fix. Also: a file's sha256."""
+one :class:`DiskFull` line that names the path and the fix. Files and folders made through a
+temporary name get the mode a plain ``open()``/``mkdir()`` would give under the umask (mkstemp and
+mkdtemp make them owner-only, which would hide models and submissions from teammates on a shared
+filesystem). Also: a file's sha256."""
 from __future__ import annotations
 
 import contextlib
@@ -60,6 +63,46 @@ def disk_full(path: str | os.PathLike, needed: int | None = None, what: str = ""
                     " or write to another folder")
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux allows (``os.umask`` can only
+    be read by setting it, which races with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0666 less the umask."""
+    return 0o666 & ~current_umask()
+
+
+def plain_dir_mode() -> int:
+    """The mode ``mkdir`` gives a new folder: 0777 less the umask."""
+    return 0o777 & ~current_umask()
+
+
+def give_plain_modes(folder: Path) -> None:
+    """Give every file under ``folder`` the mode a plain ``open()`` would: safetensors creates
+    its files owner-only whatever the umask."""
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, plain_file_mode())
+
+
+def make_temp_dir(target: Path) -> Path:
+    """A new empty folder beside ``target`` (hidden, unique) to build it in before
+    :func:`replace_dir`, with the mode a plain ``mkdir`` would give."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    os.chmod(tmp, plain_dir_mode())
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path to write; it replaces ``path`` only if the block succeeds. A full disk
@@ -76,6 +119,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, plain_file_mode())  # after the block: some writers (safetensors) recreate the file
         with open(tmp_path, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)

@@ -203,6 +203,7 @@ def save_state(accelerator: Accelerator, run_dir: Path, trainer_state: dict, ema
         def finish():
             trainer_state["files"] = state_files(tmp)
             atomic_write_json(tmp / TRAINER_STATE, trainer_state)
+            fileio.give_plain_modes(tmp)  # a teammate resumes from a shared filesystem
             rotate_dir(tmp, run_dir / STATE)
         problem = _disk_full_problem(finish, tmp, where)
         if problem:
