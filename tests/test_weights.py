@@ -61,7 +61,7 @@ def test_hub_weights_are_the_served_ones_then_offline_from_the_cache(hub, served
     with pytest.raises(MaskdistError) as err:
         weights.resolve("hub", "test_efficientnet_gn")  # never fetched
     text = str(err.value)
-    assert "\n" not in text and "maskdist weights fetch test_efficientnet_gn" in text and "--pretrained FILE" in text
+    assert "\n" not in text and "maskdist weights fetch test_efficientnet_gn" in text and "--pretrained test_efficientnet_gn.safetensors" in text
 
     runner = CliRunner()
     listed = runner.invoke(main, ["weights", "list"])

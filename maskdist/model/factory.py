@@ -19,6 +19,7 @@ from torch import nn
 from maskdist.data.labels import NUM_CLASSES
 from maskdist.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from maskdist.errors import MaskdistError
+from maskdist.model import architectures
 from maskdist.model.heads import PartHeads, check_heads, init_linear
 
 
@@ -36,8 +37,7 @@ def create_model(
     ``drop_rate`` is dropout on the pooled features before the head(s); ``drop_path_rate``
     is timm's stochastic depth (its largest rate: timm scales it down for earlier blocks).
     """
-    if name not in timm.list_models() and not timm.is_model(name):
-        raise MaskdistError(f"unknown timm model {name!r}: see `timm.list_models()` for the names")
+    architectures.check(name)
     if not 0.0 <= drop_rate < 1.0:
         raise MaskdistError(f"drop rate {drop_rate} must be in [0, 1)")
     if not 0.0 <= drop_path_rate < 1.0:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from maskdist.errors import MaskdistError
+from maskdist.model import architectures
+from maskdist.system import network
 from maskdist.system.fileio import atomic_path, sha256_file
 
 HUB = "hub"
@@ -65,6 +67,7 @@ def hub_repo(architecture: str) -> str:
     """The repo of ``architecture``'s default pretrained tag (or of ``arch.tag``)."""
     from timm.models import get_pretrained_cfg
 
+    architectures.check(architecture)
     cfg = get_pretrained_cfg(architecture)
     if cfg is None or not cfg.hf_hub_id:
         raise MaskdistError(f"timm has no hub weights for {architecture!r}: pass --pretrained FILE, a hf-hub:ORG/NAME repo, or none")
@@ -106,6 +109,10 @@ def download(repo: str, architecture: str, local_only: bool = False, verify: boo
     import huggingface_hub
     from huggingface_hub import errors as hub_errors
 
+    no_network = None
+    if not local_only:
+        no_network = network.unreachable(_endpoint() or huggingface_hub.constants.ENDPOINT)
+        local_only = no_network is not None  # the cache may still have them; the hub cannot, so nothing is retried
     last = len(WEIGHT_FILES) - 1
     for i, filename in enumerate(WEIGHT_FILES):
         try:
@@ -118,19 +125,16 @@ def download(repo: str, architecture: str, local_only: bool = False, verify: boo
         except hub_errors.LocalEntryNotFoundError:
             if i < last and _cached(repo, WEIGHT_FILES[last]):
                 continue
-            how = "the hub is offline (HF_HUB_OFFLINE=1)" if local_only and offline() else (
-                "this process only reads the cache" if local_only else "the hub cannot be reached")
-            raise MaskdistError(f"weights of {architecture} ({repo}) are not in the Hugging Face cache and {how}: run"
-                                f" `maskdist weights fetch {architecture}` where the network is (same HF_HOME), or pass"
-                                f" --pretrained FILE") from None
+            raise MaskdistError(f"weights of {architecture} ({repo}) are not in the Hugging Face cache and"
+                                f" {_why_cache_only(no_network)}: {_offline_advice(architecture)}") from None
         except hub_errors.RepositoryNotFoundError:
             raise MaskdistError(f"hub repo {repo} not found (or private without a token): check the name,"
                                 f" or pass --pretrained FILE") from None
         except hub_errors.RevisionNotFoundError as err:
             raise MaskdistError(f"hub repo {repo}: {_first_line(err)}") from None
-        except (OSError, hub_errors.HfHubHTTPError, _http_errors()) as err:
+        except (OSError, hub_errors.HfHubHTTPError, *_http_errors()) as err:
             raise MaskdistError(f"download of {repo}/{filename} failed ({_first_line(err)}); nothing was kept in the cache:"
-                                f" run again, or `maskdist weights fetch {architecture}` where the network is") from None
+                                f" run again, or {_offline_advice(architecture)}") from None
         if verify:
             check_blob(path, repo)
         return path
@@ -157,10 +161,30 @@ def check_blob(path: Path, repo: str) -> None:
                             f" from the cache; run again")
 
 
-def _http_errors() -> type:
-    import httpx2
+def _why_cache_only(no_network: str | None) -> str:
+    if no_network:
+        return f"the hub cannot be reached ({no_network}; nothing was retried)"
+    return "the hub is offline (HF_HUB_OFFLINE=1)" if offline() else "this process only reads the cache"
 
-    return httpx2.HTTPError
+
+def _offline_advice(architecture: str) -> str:
+    """What works from a node without network: fill the cache, or carry a file, from one with it."""
+    return (f"on a machine with network run `maskdist weights fetch {architecture}` with the same HF_HOME (a shared"
+            f" filesystem), or `maskdist weights fetch {architecture} --out {architecture}.safetensors` and bring the file"
+            f" here for `--pretrained {architecture}.safetensors`")
+
+
+def _http_errors() -> tuple[type, ...]:
+    """The HTTP client's errors: huggingface_hub 2.x uses httpx2, 1.x httpx (both may be absent)."""
+    import importlib
+
+    found = []
+    for module in ("httpx2", "httpx"):
+        try:
+            found.append(importlib.import_module(module).HTTPError)
+        except ImportError:
+            continue
+    return tuple(found)
 
 
 def _first_line(err: BaseException) -> str:

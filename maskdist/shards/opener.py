@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 
 from maskdist.errors import MaskdistError
 from maskdist.shards.format import SKIP_CHUNK
+from maskdist.system import network
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ _CURL_EXIT = {6: "host not found", 7: "connection refused", 18: "connection drop
               28: "timed out", 33: "the server does not support byte ranges", 35: "TLS handshake failed",
               52: "empty reply", 55: "send failed", 56: "connection reset"}
 _CURL_NO_RANGES = 33
+_CURL_NO_CONNECTION = (6, 7)  # host not found, could not connect: maybe no network at all
 
 
 class ShardReadError(MaskdistError):
@@ -204,6 +206,11 @@ class ResumableStream(io.RawIOBase):
     def _command_failed(self, status: int) -> None:
         if status == _CURL_NO_RANGES and self.kind == "http":
             self._ranges = False  # from now on: re-read from the start and skip
+        if status in _CURL_NO_CONNECTION and self.kind == "http":
+            no_network = network.unreachable(self.target)
+            if no_network:  # retries cannot succeed
+                raise ShardReadError(f"{self.where}: {no_network}; nothing was retried: read the set from where the"
+                                     " network reaches it, or copy it to a local folder")
         raise _Transient(_describe_status(status, self.kind))
 
     def _end_of_stream(self, raw, at: int) -> None:
