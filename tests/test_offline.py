@@ -106,3 +106,13 @@ def test_remote_shards_without_network_are_not_retried(url, tmp_path):
     assert result.returncode != 0
     assert "retry 1 of" not in result.stderr and "nothing was retried" in result.stderr, result.stderr[-2000:]
     assert ("cannot be looked up" if "example" in url else "no network route to 127.0.0.1:9") in result.stderr
+
+
+def test_a_tracker_server_without_network_is_refused_before_training(tmp_path):
+    code = "from maskdist.train import trackers; trackers.parse('tensorboard,mlflow')"
+    env = _env(tmp_path, MLFLOW_TRACKING_URI="http://mlflow.example.org:5000")
+    result = _offline([sys.executable, "-c", code], env, timeout=60)
+    assert result.returncode != 0
+    line = result.stderr.strip().splitlines()[-1]
+    assert "--log-with mlflow: its server http://mlflow.example.org:5000 cannot be reached" in line
+    assert "cannot be looked up" in line

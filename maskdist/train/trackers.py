@@ -37,7 +37,28 @@ def parse(log_with: str) -> list[str]:
             raise MaskdistError(f"--log-with {name!r} is not a tracker accelerate knows: choose from {', '.join(known)}")
         if name not in available:
             raise MaskdistError(f"--log-with {name}: its package is not installed (pip install {name.replace('_', '-')})")
+    for name in names:
+        _check_server(name)
     return [n for n in names if n != TENSORBOARD]
+
+
+# Trackers that talk to a server named by an environment variable (a file store needs none).
+SERVER_VARIABLES = {"mlflow": "MLFLOW_TRACKING_URI"}
+
+
+def _check_server(name: str) -> None:
+    """A tracker's server that cannot be reached at all is refused before training starts (its
+    client would retry each call for minutes, then fail the run after its first epoch)."""
+    import os
+
+    from maskdist.system import network
+
+    uri = os.environ.get(SERVER_VARIABLES.get(name, ""), "")
+    if uri.startswith(("http://", "https://")):
+        no_network = network.unreachable(uri)
+        if no_network:
+            raise MaskdistError(f"--log-with {name}: its server {uri} cannot be reached ({no_network}): start the run where"
+                                f" the network reaches it, or log to a local store (see docs/monitoring.md)")
 
 
 def start(accelerator, names: list[str], experiment: str, run_name: str, run_dir: Path, hyperparameters: dict) -> list:
