@@ -241,7 +241,7 @@ def test_build_train_predict_with_face_crop(face_shards, faces_data, small_shard
         assert result.returncode == 0, result.stderr[-3000:]
         warned = [line for line in result.stderr.splitlines() if "holds no detector" in line]
         assert len(warned) == 1 and warned[0].startswith("warning: ") and policy in warned[0], result.stderr
-    assert "48x48 (the face crop resized to 64" in result.stdout
+    assert "48x48 (the face crop squashed to 64x64" in result.stdout
 
     # eval shards cropped otherwise than the models' training shards: refused in one line
     result = predict("--shards", str(small_shards), "--out", str(tmp_path / "mixed.csv"))

@@ -439,6 +439,115 @@ def test_outputs_are_readable_by_the_team_as_the_umask_says(experiment, small_sh
     assert {f.name: oct(mode(f)) for folder in folders for f in folder.iterdir() if mode(f) != 0o666 & ~umask} == {}
 
 
+def _real_photos(folder, count=60, seed=0):
+    """``count`` JPEGs cut from scikit-image's photos at their own aspect ratios (0.5 to 2:
+    portrait and landscape), larger than the models' input as photos are."""
+    import cv2
+    from skimage import data
+
+    folder.mkdir(parents=True)
+    sources = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.hubble_deep_field(), data.immunohistochemistry()]
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        image = sources[i % len(sources)]
+        h, w = image.shape[:2]
+        ratio = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))  # width / height
+        ch = int(rng.integers(150, h + 1))
+        cw = min(w, max(100, int(ch * ratio)))
+        y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        path = folder / f"photo{i:03d}.jpg"
+        cv2.imwrite(str(path), cv2.cvtColor(np.ascontiguousarray(image[y:y + ch, x:x + cw]), cv2.COLOR_RGB2BGR))
+        paths.append(path)
+    return paths
+
+
+def _model_that_knows(experiment, photos, tmp_path):
+    """A copy of fold 0 whose head tells the photos' source images apart (the nearest mean of
+    each source's features): a model with clear answers on these photos, so class agreement measures the inputs, not the
+    near-ties of a model trained 3 steps."""
+    model, card = checkpoint.load(experiment / "fold0")
+    ours = transforms.build_transform("none", card["image"]["resize"], card["image"]["crop"])
+    x = transforms.to_device(torch.from_numpy(np.stack([ours.from_jpeg(p.read_bytes()) for p in photos])), "cpu",
+                             card["normalisation"]["mean"], card["normalisation"]["std"])
+    with torch.no_grad():
+        features = model.forward_head(model.forward_features(x), pre_logits=True)
+    sources = torch.tensor([int(p.stem[5:]) % 6 for p in photos])
+    centroids = torch.zeros(18, features.shape[1])
+    for k in range(6):
+        centroids[k] = features[sources == k].mean(0)
+    centroids[6:] = features.mean(0)  # the other classes: never nearer than the nearest source
+    # nearest centroid as a linear head: argmax_k (f . c_k - |c_k|^2 / 2)
+    head = model.get_classifier()
+    head.weight.data = centroids.contiguous()
+    head.bias.data = -(centroids ** 2).sum(1) / 2 - torch.cat([torch.zeros(6), torch.full((12,), 1e3)])
+    copy = tmp_path / "knows" / "runs"
+    shutil.copytree(experiment, copy, ignore=shutil.ignore_patterns("fold1", "fold2"))
+    checkpoint.save(copy / "fold0", model, card)
+    return copy
+
+
+def test_timm_export_makes_timm_s_own_transform_give_maskdist_s_input(experiment, tmp_path):
+    """timm's resolve_data_config + create_transform on the export's pretrained_cfg make, from
+    real photos at their own aspect ratios, the input maskdist makes (squash, not the centre
+    crop of a kept aspect ratio), so the exported model answers as classify does."""
+    import timm
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    from maskdist.infer import classify, export
+
+    photos = _real_photos(tmp_path / "photos")
+    knows = _model_that_knows(experiment, photos, tmp_path)
+    with pytest.warns(UserWarning, match="antialiasing"):
+        folders = export.export_timm([knows / "fold0"], tmp_path / "timm")
+    cfg = json.loads((folders[0] / "config.json").read_text())["pretrained_cfg"]
+    assert cfg["crop_mode"] == "squash" and cfg["interpolation"] == "bilinear"
+    record = json.loads((folders[0] / "maskdist.json").read_text())["export"]["timm_preprocessing"]
+    assert record["exact"] is False and any("antialiasing" in d for d in record["differences"])
+
+    model, card = checkpoint.load(knows / "fold0")
+    mean, std = card["normalisation"]["mean"], card["normalisation"]["std"]
+    ours = transforms.build_transform("none", card["image"]["resize"], card["image"]["crop"])
+    loaded = timm.create_model(f"local-dir:{folders[0]}", pretrained=True).eval()
+    theirs = create_transform(**resolve_data_config(model=loaded))
+    differences = []
+    for path in photos:
+        timm_pixels = theirs(Image.open(path).convert("RGB")) * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+        our_pixels = torch.from_numpy(ours.from_jpeg(path.read_bytes())).float() / 255
+        differences.append(float((timm_pixels - our_pixels).abs().mean()) * 255)
+    # antialiasing moves pixels by a few levels of 255; the centre crop of a kept aspect ratio
+    # (crop_mode "center") by 20 to 75 on most of these photos
+    assert np.mean(differences) < 6 and max(differences) < 12, sorted(differences)[-5:]
+
+    classified = classify.classify([knows / "fold0"], [tmp_path / "photos"], decisions="argmax", workers=0).rows
+    assert len(classified) == len(photos) and classified["class"].nunique() == 6  # it does tell them apart
+    batch = torch.stack([theirs(Image.open(p).convert("RGB")) for p in classified["path"]])
+    with torch.no_grad():
+        timm_classes = loaded(batch).argmax(1).numpy()
+    agreement = float((timm_classes == classified["class"].to_numpy()).mean())
+    print(f"timm transform against classify: {agreement:.1%} same class, mean pixel difference {np.mean(differences):.2f}")
+    assert agreement >= 0.99, agreement
+
+    # the ONNX graph, fed as its own metadata says, with nothing of maskdist's
+    import cv2
+    import onnx
+    import onnxruntime as ort
+
+    graph = export.export_onnx([knows / "fold0"], tmp_path / "knows.onnx", decisions="argmax")["out"]
+    recipe = json.loads({p.key: p.value for p in onnx.load(graph).metadata_props}["maskdist.input"])
+    assert recipe["resize_mode"].startswith("squash") and recipe["layout"] == "NHWC"
+    (rh, rw), (ch, cw) = recipe["resize"], recipe["crop"]
+    images = []
+    for path in classified["path"]:
+        rgb = cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB)
+        squashed = cv2.resize(rgb, (rw, rh), interpolation=cv2.INTER_LINEAR)
+        top, left = (rh - ch) // 2, (rw - cw) // 2
+        images.append(squashed[top:top + ch, left:left + cw])
+    onnx_classes = ort.InferenceSession(graph).run(["label"], {"image": np.stack(images)})[0]
+    assert float((onnx_classes == classified["class"].to_numpy()).mean()) >= 0.99
+
+
 ONNX_TOLERANCE = 1e-5  # largest |probability difference| allowed between onnxruntime and PyTorch (float32)
 
 
@@ -453,7 +562,7 @@ def test_onnx_ensemble_matches_pytorch_under_onnxruntime(experiment, small_synth
     out = tmp_path / "ensemble.onnx"
     result = _maskdist(tmp_path, "export", experiment, "--format", "onnx", "--out", out, "--tta", "hflip", "--decisions", "argmax")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"{FOLDS} model(s), input uint8 NHWC 48x48 (the photo resized to 64" in result.stdout
+    assert f"{FOLDS} model(s), input uint8 RGB NHWC 48x48 (the photo squashed to 64x64, bilinear, centre crop 48)" in result.stdout
     assert "holds no detector" not in result.stderr  # trained on whole photos: nothing to warn of
     onnx.checker.check_model(str(out))
     images = _eval_batch(small_synth, 64, 48)

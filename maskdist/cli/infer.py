@@ -229,5 +229,5 @@ def export(runs, fmt, out, tta, weighting, decisions, allow_unfinished):
         return
     done = export_api.export_onnx(list(runs), out, tta, weighting, decisions, allow_unfinished)
     photo = "the face crop" if done["face_crop"] else "the photo"
-    click.echo(f"wrote {done['out']}: {done['models']} model(s), input uint8 NHWC {done['crop']}x{done['crop']} ({photo} resized"
-               f" to {done['resize']}, centre crop {done['crop']}), TTA {done['tta']}, decisions {done['decisions']}")
+    click.echo(f"wrote {done['out']}: {done['models']} model(s), input uint8 RGB NHWC {done['crop']}x{done['crop']} ({photo} squashed"
+               f" to {done['resize']}x{done['resize']}, bilinear, centre crop {done['crop']}), TTA {done['tta']}, decisions {done['decisions']}")

@@ -1,14 +1,16 @@
 """``maskdist export``: fold models out of the run folder, in forms other tools load.
 
-``timm``: each fold model in timm's hub layout (``config.json`` with the 18 label names, the
-input size and normalisation; ``model.safetensors``), written by timm's own ``save_for_hf``,
+``timm``: each fold model in timm's hub layout (``config.json`` with the 18 label names, and
+the preprocessing with which timm's own ``resolve_data_config`` + ``create_transform`` make
+maskdist's input: :func:`timm_data_config`; ``model.safetensors``), written by timm's own ``save_for_hf``,
 so ``timm.create_model("local-dir:DIR")`` (or ``hf-hub:`` after a push) rebuilds it. A model
 with part heads becomes a plain 18-way classifier: the class logit is the sum of its three
 part logits, whose softmax is exactly the product of the part probabilities.
 
-``onnx``: the whole ensemble as one graph. Input: ``image``, uint8 NHWC at the models' input
-size (the photo resized to ``resize`` and centre-cropped to ``crop``, as ``model.json``
-says); inside: each model's normalisation, TTA when asked, each model's 18-class
+``onnx``: the whole ensemble as one graph. Input: ``image``, uint8 RGB NHWC at the models'
+input size: the photo squashed to ``resize`` x ``resize`` (aspect ratio not kept, bilinear),
+then centre-cropped to ``crop``, as ``model.json`` says and the file's ``maskdist.input``
+metadata repeats; inside: each model's normalisation, TTA when asked, each model's 18-class
 probabilities (part heads as products), the weighted mean. Outputs: ``probs`` (N, 18) and
 ``label`` (N), the decisions' class (``argmax_c w_c p_c``, as ``predict`` decides).
 """
@@ -92,22 +94,62 @@ def export_timm(sources: Sequence[str | os.PathLike], out: str | os.PathLike, al
     written = []
     for member, name in zip(ensemble.members, names):
         card = member.card
-        mean, std = member.normalisation
-        data_config = {"input_size": (3, card["image"]["crop"], card["image"]["crop"]), "mean": mean, "std": std,
-                       "crop_pct": card["image"]["crop"] / card["image"]["resize"], "crop_mode": "center"}
+        data_config, differences = timm_data_config(card, *member.normalisation)
+        for difference in differences:
+            warnings.warn(difference, stacklevel=2)  # once per export: the CLI shows a warning once
         target = out / name
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = make_temp_dir(target)
         try:
             save_for_hf(single_head(member), str(tmp), model_config={"label_names": list(card["classes"])}, safe_serialization=True,
                         data_config=data_config)
-            (tmp / "maskdist.json").write_text(json.dumps(card, indent=1))  # where it came from: the run's model card
+            record = card | {"export": {"timm_preprocessing": {**data_config, "exact": not differences, "differences": differences}}}
+            (tmp / "maskdist.json").write_text(json.dumps(record, indent=1))  # where it came from: the run's model card
             give_plain_modes(tmp)
             replace_dir(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         written.append(target)
     return written
+
+
+# maskdist's input: the photo squashed to resize x resize (aspect ratio not kept), bilinear,
+# then centre-cropped (data/transforms.py); timm says so with crop_mode "squash".
+TIMM_CROP_MODE = "squash"
+TIMM_INTERPOLATION = "bilinear"
+ANTIALIAS_NOTE = ("timm's transform resizes PIL images with antialiasing, maskdist (OpenCV) without: on photos larger"
+                  " than the input the pixels differ slightly (a few levels of 255 on average; docs/export.md)")
+
+
+def _pair(size) -> tuple[int, int]:
+    return (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
+
+
+def timm_data_config(card: dict, mean, std) -> tuple[dict, list[str]]:
+    """The ``pretrained_cfg`` data settings with which timm's own ``resolve_data_config`` +
+    ``create_transform`` make maskdist's input from a photo, and what they cannot say exactly.
+
+    timm squashes to ``floor(crop / crop_pct)`` per side: ``crop_pct`` is chosen inside the
+    interval where that floor is the resize (``crop / resize`` itself can fall just below it
+    in floating point). One ``crop_pct`` cannot give two sides different ratios: then the
+    closest is written, with a difference saying so."""
+    resize, crop = _pair(card["image"]["resize"]), _pair(card["image"]["crop"])
+    low = max(r / c for r, c in zip(resize, crop))  # 1 / crop_pct must be in [low, high)
+    high = min((r + 1) / c for r, c in zip(resize, crop))
+    differences = []
+    if low < high:
+        crop_pct = round(2 / (low + high), 6)
+        if any(int(c / crop_pct) != r for r, c in zip(resize, crop)):  # rounding left the interval
+            crop_pct = 2 / (low + high)
+    else:
+        crop_pct = crop[0] / resize[0]
+        scaled = tuple(int(c / crop_pct) for c in crop)
+        differences.append(f"timm cannot squash to {resize[0]}x{resize[1]} before a {crop[0]}x{crop[1]} crop with one crop_pct;"
+                           f" the export squashes to {scaled[0]}x{scaled[1]}")
+    differences.append(ANTIALIAS_NOTE)
+    config = {"input_size": (3, *crop), "mean": tuple(mean), "std": tuple(std), "crop_pct": crop_pct,
+              "crop_mode": TIMM_CROP_MODE, "interpolation": TIMM_INTERPOLATION}
+    return config, differences
 
 
 def _folder_name(member: Member, several: bool) -> str:
@@ -163,7 +205,24 @@ def write_onnx(graph: EnsembleGraph, out: str | os.PathLike) -> Path:
         warnings.simplefilter("ignore")
         torch.onnx.export(graph.eval(), (example,), str(tmp), dynamo=False, opset_version=ONNX_OPSET, input_names=["image"],
                           output_names=["probs", "label"], dynamic_axes={"image": {0: "n"}, "probs": {0: "n"}, "label": {0: "n"}})
+        _document_input(tmp, graph)
     return out
+
+
+def onnx_input_recipe(graph: EnsembleGraph) -> dict:
+    """How to make the graph's ``image`` input from a photo: maskdist's own preprocessing."""
+    return {"layout": "NHWC", "dtype": "uint8", "channels": "RGB", "resize": [graph.resize, graph.resize],
+            "resize_mode": "squash (the aspect ratio is not kept)", "interpolation": "bilinear (OpenCV INTER_LINEAR, no antialiasing)",
+            "crop": [graph.crop, graph.crop], "crop_mode": "centre", "normalisation": "inside the graph"}
+
+
+def _document_input(path: Path, graph: EnsembleGraph) -> None:
+    """The input recipe as the ONNX file's metadata (``maskdist.input``), where a runtime user reads it."""
+    import onnx
+
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, {"maskdist.input": json.dumps(onnx_input_recipe(graph))})
+    onnx.save(model, str(path))
 
 
 def export_onnx(sources: Sequence[str | os.PathLike], out: str | os.PathLike, tta: str = "none", weighting: str = "uniform",
