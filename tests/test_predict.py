@@ -252,6 +252,46 @@ def test_tuned_decisions_are_applied_by_default_and_argmax_restores_the_plain_an
     assert used["decisions"] == pair_record["path"] and used["experiment_weights"] == pytest.approx(pair_record["experiment_weights"])
 
 
+def test_decisions_are_keyed_by_the_folds_weights_and_a_replanned_fold_is_named(experiment, small_shards, tmp_path):
+    """A fold retrained at the same best epoch (another seed, --replan) makes tuned decisions
+    stale: found by default they give way to the argmax with a note, named they are refused;
+    and oof and predict say that the experiment's folds now mix two plans."""
+    from maskdist.infer.decisions import FILE
+
+    exp = tmp_path / "exp"
+    shutil.copytree(experiment, exp)
+    assert _maskdist(tmp_path, "oof", exp, "--tune", "--force").returncode == 0
+    tuned_on = json.loads((exp / FILE).read_text())["members"]
+    assert {m["fold"] for m in tuned_on} == set(range(FOLDS)) and all(len(m["weights_sha256"]) == 64 for m in tuned_on)
+    epoch_before = checkpoint.read_card(exp / "fold2")["epoch"]
+    retrained = _maskdist(tmp_path, "train", "--shards", small_shards, "--fold", "2", "--out", exp, *TRAIN, "--seed", "1",
+                          "--overwrite", "--replan", timeout=300)
+    assert retrained.returncode == 0, retrained.stderr[-2000:]
+    assert checkpoint.read_card(exp / "fold2")["epoch"] == epoch_before  # the old check (the epoch) cannot see it
+
+    args = ("predict", exp, "--shards", small_shards, "--workers", "0", "--batch-size", "16")
+    default = _maskdist(tmp_path, *args, "--out", tmp_path / "d.csv")
+    assert default.returncode == 0, default.stderr[-2000:]
+    assert f"note: {exp / FILE} was tuned on other fold models than these (fold2: retrained, resumed or replaced" in default.stderr
+    assert "deciding by argmax" in default.stderr
+    assert str(np.load(probs_path(tmp_path / "d.csv"))["decisions"]) == "argmax"
+    mixed = (f"note: {exp}: its folds were trained under 2 different plans: against the plan {exp / 'experiment.yaml'},"
+             " fold 0 (--seed 1 -> 0); fold 1 (--seed 1 -> 0)")
+    assert mixed in default.stderr
+    named = _maskdist(tmp_path, *args, "--out", tmp_path / "n.csv", "--decisions", exp / FILE)
+    assert named.returncode != 0 and not (tmp_path / "n.csv").exists()
+    assert "(fold2: retrained, resumed or replaced" in named.stderr and "Traceback" not in named.stderr
+    scores = _maskdist(tmp_path, "oof", exp)
+    assert scores.returncode == 0 and mixed in scores.stderr
+    assert json.loads(_maskdist(tmp_path, "oof", exp, "--json").stdout)["mixed_plans"][0].startswith(mixed.removeprefix("note: "))
+    # the advice works: fold 0 and 1 retrained under the plan, the experiment is one plan again
+    for fold in (0, 1):
+        again = _maskdist(tmp_path, "train", "--config", exp / "experiment.yaml", "--fold", fold, "--overwrite", "--shards", small_shards,
+                          "--out", exp, "--max-steps", "3", timeout=300)
+        assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads(_maskdist(tmp_path, "oof", exp, "--json").stdout)["mixed_plans"] == []
+
+
 def test_mixed_models_each_see_their_own_input_and_vote_as_the_mean_of_their_own_predictions(experiment, small_shards, tmp_path):
     from maskdist.infer import predict as predict_api
 

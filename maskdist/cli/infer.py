@@ -112,7 +112,7 @@ def oof(experiments, tune, out, force, allow_unfinished, as_json):
     tuned = oof_api.tune_decisions(list(experiments), out, force, allow_unfinished) if tune else None
     if as_json:
         data = {"folds": {k: v.to_dict() for k, v in result["folds"].items()}, "oof": result["oof"].to_dict(),
-                "unfinished": result["unfinished"], "ignored": result["ignored"]}
+                "unfinished": result["unfinished"], "ignored": result["ignored"], "mixed_plans": result["mixed_plans"]}
         if "blend" in result:
             data["blend"] = result["blend"].to_dict()
             data["experiments"] = {k: v["oof"].macro_f1 for k, v in result["experiments"].items()}
@@ -122,7 +122,7 @@ def oof(experiments, tune, out, force, allow_unfinished, as_json):
         return
     for note in result["unfinished"]:
         click.echo(f"note: unfinished fold read: {note}", err=True)
-    for note in result["ignored"]:
+    for note in result["ignored"] + result["mixed_plans"]:
         click.echo(f"note: {note}", err=True)
     for fold, scores in sorted(result["folds"].items()):
         click.echo(f"fold {fold}: macro F1 {scores.macro_f1:.4f} ({scores.samples} images)")

@@ -34,6 +34,8 @@ import numpy as np
 from maskdist.data import labels
 from maskdist.errors import MaskdistError
 from maskdist.metrics import f1_per_class
+from maskdist.system.fileio import sha256_file
+from maskdist.train.checkpoint import OOF, WEIGHTS
 
 ROUNDS = 4
 CANDIDATES = 17
@@ -153,7 +155,8 @@ def nested(probs: np.ndarray, y: np.ndarray, folds: np.ndarray) -> dict:
 
 FILE = "decisions.json"
 FORMAT = "maskdist-decisions"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each member's weights and OOF file keyed by sha256 (1: by best epoch)
+READABLE_VERSIONS = (1, 2)
 CHOICES = ("tuned", "argmax")  # predict's --decisions, besides a file path
 
 
@@ -166,8 +169,20 @@ def default_path(experiments: Sequence[Path]) -> Path:
 
 
 def _member(run, base: Path) -> dict:
+    """A fold model as a decisions file names it: by the content of its weights (and of the
+    OOF file tuned on), so a retrained, resumed or replaced fold is told apart even when it
+    stopped at the same epoch."""
+    oof = run.run_dir / OOF
     return {"experiment": os.path.relpath(run.experiment.resolve(), base.resolve()), "fold": run.fold,
-            "epoch": int(run.card.get("epoch", -1)), "macro_f1": float(run.card.get("metrics", {}).get("macro_f1", 0.0))}
+            "epoch": int(run.card.get("epoch", -1)), "macro_f1": float(run.card.get("metrics", {}).get("macro_f1", 0.0)),
+            "weights_sha256": sha256_file(run.run_dir / WEIGHTS),
+            "oof_sha256": sha256_file(oof) if oof.is_file() else None}
+
+
+def _identity(member: dict, by_content: bool) -> tuple:
+    if by_content:
+        return member["experiment"], str(member["fold"]), member["weights_sha256"], member["oof_sha256"]
+    return member["experiment"], str(member["fold"]), member["epoch"]
 
 
 def record(path: Path, runs, experiments: Sequence[Path], tuned: Tuned, oof: dict, nested_figures: dict,
@@ -201,7 +216,7 @@ def read(path: Path) -> dict:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MaskdistError(f"{path} cannot be read as a decisions file ({err}): re-run maskdist oof RUNS --tune") from None
-    if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION or len(data.get("class_weights", [])) != C:
+    if data.get("format") != FORMAT or data.get("format_version") not in READABLE_VERSIONS or len(data.get("class_weights", [])) != C:
         raise MaskdistError(f"{path} is not a maskdist decisions file of version {FORMAT_VERSION}: re-run maskdist oof RUNS --tune")
     return data
 
@@ -228,13 +243,25 @@ def resolve(choice: str, runs, experiments: Sequence[Path]) -> Applied:
             return Applied("argmax", note=f"{why}: deciding by argmax")
         raise MaskdistError(f"{why}: re-run maskdist oof with these experiments --tune, or pass --decisions argmax")
     # the full-data model has no OOF rows to tune on: it votes under its folds' decisions
-    have = sorted((m["experiment"], m["fold"], m["epoch"]) for m in (_member(r, base) for r in runs if not r.full_data))
-    tuned_on = sorted((m["experiment"], m["fold"], m["epoch"]) for m in data["members"])
+    by_content = data["format_version"] >= 2
+    members = [_member(r, base) for r in runs if not r.full_data]
+    have = sorted(_identity(m, by_content) for m in members)
+    tuned_on = sorted(_identity(m, by_content) for m in data["members"])
     if have and have != tuned_on:
-        why = f"{path} was tuned on other fold models than these (retrained, or a different set of folds)"
+        changed = _changed_folds(members, data["members"], by_content)
+        why = (f"{path} was tuned on other fold models than these ({changed}: retrained, resumed or replaced since; or a"
+               f" different set of folds)")
         if choice == "tuned":  # stale: not "present" (a kfold that retrained folds still predicts)
             return Applied("argmax", note=f"{why}: deciding by argmax; re-run maskdist oof RUNS --tune")
         raise MaskdistError(f"{why}: re-run maskdist oof RUNS --tune, or pass --decisions argmax")
     order = [data["experiments"].index(os.path.relpath(Path(e).resolve(), base.resolve())) for e in experiments]
     return Applied(str(path), np.asarray(data["class_weights"], dtype=np.float64),
                    np.asarray(data["experiment_weights"], dtype=np.float64)[order])
+
+
+def _changed_folds(members: list[dict], tuned_on: list[dict], by_content: bool) -> str:
+    """The folds whose model is not the one tuned on, as paths from the decisions file's folder."""
+    before = {(m["experiment"], str(m["fold"])): _identity(m, by_content) for m in tuned_on}
+    changed = [os.path.normpath(os.path.join(m["experiment"], f"fold{m['fold']}")) for m in members
+               if before.get((m["experiment"], str(m["fold"]))) != _identity(m, by_content)]
+    return ", ".join(changed) if changed else "the set of folds differs"

@@ -18,9 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from maskdist import config as config_mod
 from maskdist.errors import MaskdistError
 from maskdist.train import checkpoint
+from maskdist.train.folder import PLAN, read_plan
 from maskdist.train.state import fold_finished, fold_status
 
 FOLD_DIR = re.compile(r"fold(\d+)")
@@ -151,3 +154,28 @@ def trained_precision(runs: Sequence[FoldRun]) -> tuple[str, str]:
         return next(iter(found)), ""
     listed = "; ".join(f"{p}: {', '.join(names)}" for p, names in sorted(found.items()))
     return "no", f"the folds were trained with different precisions ({listed}): predicting in full precision; pass --precision to choose"
+
+
+def mixed_plans(runs: Sequence[FoldRun]) -> list[str]:
+    """One line per experiment whose folds were trained under different plans (a fold
+    retrained with ``--replan``): the folds that differ from the experiment's plan and how.
+    Their OOF figures and votes mix models that are not the same experiment."""
+    lines = []
+    for experiment in dict.fromkeys(r.experiment for r in runs):
+        folds: dict[str, dict] = {}
+        for run in runs:
+            path = run.run_dir / checkpoint.CONFIG
+            if run.experiment == experiment and not run.full_data and path.is_file():  # all/: its epochs come from its folds
+                folds[str(run.fold)] = config_mod.training_settings(yaml.safe_load(path.read_text()) or {})
+        plans = {tuple(sorted((k, repr(v)) for k, v in settings.items())) for settings in folds.values()}
+        if len(plans) < 2:
+            continue
+        plan = read_plan(experiment)
+        reference = config_mod.training_settings(plan) if plan is not None else next(iter(folds.values()))
+        odd = {fold: config_mod.differences(reference, settings) for fold, settings in folds.items()
+               if config_mod.differences(reference, settings)}
+        described = "; ".join(f"fold {fold} ({', '.join(changes)})" for fold, changes in odd.items())
+        lines.append(f"{experiment}: its folds were trained under {len(plans)} different plans: against the plan"
+                     f" {experiment / PLAN}, {described}; the figures and votes mix them: retrain those folds under the plan"
+                     f" (maskdist train --config {experiment / PLAN} --fold K --overwrite --shards SHARDS --out {experiment})")
+    return lines

@@ -22,7 +22,7 @@ from maskdist import metrics
 from maskdist.data import labels
 from maskdist.errors import MaskdistError
 from maskdist.infer import decisions
-from maskdist.infer.members import FULL_DATA, FoldRun, find_members, unfinished
+from maskdist.infer.members import FULL_DATA, FoldRun, find_members, mixed_plans, unfinished
 from maskdist.system.fileio import atomic_write_json
 from maskdist.train.checkpoint import MODEL_JSON, OOF
 
@@ -96,6 +96,7 @@ def oof_scores(experiment: str | os.PathLike | Sequence[str | os.PathLike], allo
     oof = load_oof(sources, allow_unfinished)
     scores = [metrics.score(oof.label_true, oof.preds[:, e]) for e in range(len(oof.experiments))]
     result = {"folds": oof.per_fold[0], "oof": scores[0], "samples": len(oof.keys), "unfinished": oof.unfinished,
+              "mixed_plans": mixed_plans(oof.runs),
               "ignored": [f"{p / FULL_DATA}: the full-data model has no out-of-fold rows, so these figures leave it out"
                           for p in map(Path, sources) if (p / FULL_DATA / MODEL_JSON).is_file()]}
     if len(oof.experiments) > 1:

@@ -23,7 +23,7 @@ from maskdist.data import layout
 from maskdist.errors import MaskdistError
 from maskdist.infer import decisions as decisions_mod
 from maskdist.infer.ensemble import Ensemble, InputGroup, check_full_weight, folder_loader, load_ensemble, mix, pin_memory, vote
-from maskdist.infer.members import FoldRun, find_members, trained_precision, unfinished, unnamed_full_data
+from maskdist.infer.members import FoldRun, find_members, mixed_plans, trained_precision, unfinished, unnamed_full_data
 from maskdist.infer.scoring import FULL_DATA_FOLD
 from maskdist.shards import crop as face_crop
 from maskdist.shards.format import eval_key
@@ -118,7 +118,7 @@ def prepare(sources, weighting: str, decisions: str, precision: str, timeout_s: 
     ``full_weight``: a full-data model's share of its experiment's vote."""
     runs = find_members(sources, allow_unfinished)
     check_full_weight(runs, full_weight)
-    notes = unnamed_full_data(sources, runs)
+    notes = unnamed_full_data(sources, runs) + mixed_plans(runs)
     if accelerator is None:
         precision, note = resolve_precision(precision, runs)
         notes += [note] if note else []
