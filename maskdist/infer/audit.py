@@ -43,17 +43,10 @@ from maskdist.infer.oof import OofSet
 
 FIX_COLUMNS = ("person", "gender", "age", "swap_incorrect_normal")  # what --fixes reads
 KINDS = ("gender", "age", "swap")
-AGE_GROUPS = ("<30", "middle", "old")  # with the training cut
 GROUP_AGE = {0: 24, 2: 60}  # the age written for a proposed young / old group
 PEOPLE_COLUMNS = ("rank", "person", "kind", "given", "proposed", "evidence", "flagged", "fold", "images")
 MIN_EVIDENCE = {"gender": 0.9, "age": 1.25, "swap": 0.9}
 IMAGE_COLUMNS = ("rank", "key", "person", "stem", "given", "proposed", "p_given", "p_proposed", "margin", "fold")
-
-
-def short_name(label: int, age_cut: int) -> str:
-    """``W F <30``: mask (Wear, Incorrect, Not worn), gender, age group with the training cut."""
-    mask, gender, group = labels.decode(label)
-    return f"{'WIN'[mask]} {'MF'[gender]} {('<30', f'30-{age_cut - 1}', f'{age_cut}+')[group]}"
 
 
 def age_of_group(group: int, age_cut: int) -> int:
@@ -79,7 +72,7 @@ class Audit:
             if s["kind"] == "gender":
                 row["gender"] = s["proposed"]
             elif s["kind"] == "age":
-                row["age"] = str(age_of_group(AGE_GROUPS.index(s["proposed"]), self.age_cut))
+                row["age"] = str(age_of_group(labels.AGE_NAMES.index(s["proposed"]), self.age_cut))
             else:
                 row["swap_incorrect_normal"] = "1"
         return pd.DataFrame(list(rows.values()), columns=list(FIX_COLUMNS))
@@ -123,7 +116,7 @@ def _person_suspects(rows: pd.DataFrame, probs: np.ndarray, given: np.ndarray, m
     distance = (mean_age * np.abs(np.arange(3)[None, :] - a[:, None])).sum(axis=1)
     alternative = np.where(np.arange(3)[None, :] == a[:, None], -1.0, mean_age).argmax(axis=1)
     for i in range(len(people)):
-        found.append((index[i], "age", AGE_GROUPS[a[i]], AGE_GROUPS[alternative[i]], float(distance[i])))
+        found.append((index[i], "age", labels.AGE_NAMES[a[i]], labels.AGE_NAMES[alternative[i]], float(distance[i])))
     mask = parts["mask"]
     incorrect = rows["stem"].to_numpy() == "incorrect_mask"
     normal = rows["stem"].to_numpy() == "normal"
