@@ -197,11 +197,11 @@ def planted(truth_csv: Path) -> set[tuple[str, str]]:
 
 def precision_recall(result: Audit, truth: set[tuple[str, str]]) -> dict:
     """The flagged suspects against the truth, overall and per kind; and at the top k = the
-    number of planted errors (precision = recall there)."""
+    number of planted errors (precision = recall there). Precision is None where nothing was flagged."""
     flagged = set(zip(result.flagged["person"], result.flagged["kind"]))
     hits = flagged & truth
     out = {"planted": len(truth), "flagged": len(flagged), "found": len(hits),
-           "precision": len(hits) / len(flagged) if flagged else 0.0, "recall": len(hits) / len(truth) if truth else 0.0}
+           "precision": len(hits) / len(flagged) if flagged else None, "recall": len(hits) / len(truth) if truth else 0.0}
     top = set(zip(result.people["person"].head(len(truth)), result.people["kind"].head(len(truth))))
     out["precision_at_planted"] = len(top & truth) / len(truth) if truth else 0.0
     out["kinds"] = {}
@@ -209,7 +209,7 @@ def precision_recall(result: Audit, truth: set[tuple[str, str]]) -> dict:
         t = {x for x in truth if x[1] == kind}
         f = {x for x in flagged if x[1] == kind}
         out["kinds"][kind] = {"planted": len(t), "flagged": len(f), "found": len(t & f),
-                              "precision": len(t & f) / len(f) if f else 0.0, "recall": len(t & f) / len(t) if t else 0.0}
+                              "precision": len(t & f) / len(f) if f else None, "recall": len(t & f) / len(t) if t else 0.0}
     return out
 
 
@@ -264,6 +264,10 @@ def run_audit(sources, out: str | Path | None = None, shards: str | None = None,
     return summary
 
 
+def _share(value: float | None) -> str:
+    return "- (nothing flagged)" if value is None else f"{value:.3f}"
+
+
 def describe(summary: dict) -> str:
     flagged = summary["flagged"]
     fixes = (f"{summary['fixes']} people in fixes.csv" if summary["fixes"] is not None
@@ -279,10 +283,10 @@ def describe(summary: dict) -> str:
         lines.append("  accept them: shards build ... --fixes " + str(Path(summary["out"]) / "fixes.csv"))
     if "against_truth" in summary:
         t = summary["against_truth"]
-        lines.append(f"  against {summary['truth']}: precision {t['precision']:.3f}, recall {t['recall']:.3f}"
+        lines.append(f"  against {summary['truth']}: precision {_share(t['precision'])}, recall {t['recall']:.3f}"
                      f" ({t['found']} of {t['planted']} planted errors in {t['flagged']} flagged); precision at the top"
                      f" {t['planted']}: {t['precision_at_planted']:.3f}")
-        lines += [f"    {k}: precision {v['precision']:.3f}, recall {v['recall']:.3f} ({v['found']}/{v['planted']}, {v['flagged']} flagged)"
+        lines += [f"    {k}: precision {_share(v['precision'])}, recall {v['recall']:.3f} ({v['found']}/{v['planted']}, {v['flagged']} flagged)"
                   for k, v in t["kinds"].items()]
     lines += [f"  unfinished fold: {u}" for u in summary["unfinished"]]
     return "\n".join(lines)
