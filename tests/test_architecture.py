@@ -1,5 +1,5 @@
 """The package layout holds: no import from a lower room into a higher one, no circle of
-module-level imports, no module over the size limit (tests/import_rules.py), and the old
+imports (deferred ones included), no module over the size limit (tests/import_rules.py), and the old
 import paths that the docs once showed still work, with a warning that names the new one."""
 from __future__ import annotations
 
@@ -31,6 +31,20 @@ def test_the_checker_catches_an_upward_import_and_a_circle(tmp_path, monkeypatch
     assert [set(c) for c in import_rules.circles(found)] == [{"maskdist.train.loop", "maskdist.train.other"}]
     _text, ok = import_rules.report()
     assert not ok
+
+
+def test_a_circle_through_a_deferred_import_is_caught(tmp_path, monkeypatch):
+    # the shape of the audit/contact-sheet circle: one module-level import, one inside a function
+    pkg = tmp_path / "maskdist"
+    (pkg / "infer").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "infer" / "__init__.py").write_text("")
+    (pkg / "infer" / "audit.py").write_text("from maskdist.infer import sheet\n")
+    (pkg / "infer" / "sheet.py").write_text("def draw():\n    from maskdist.infer.audit import short_name\n")
+    monkeypatch.setattr(import_rules, "PACKAGE", pkg)
+    assert [set(c) for c in import_rules.circles(import_rules.imports())] == [{"maskdist.infer.audit", "maskdist.infer.sheet"}]
+    text, ok = import_rules.report()
+    assert not ok and "CIRCLE  maskdist.infer." in text
 
 
 @pytest.mark.parametrize("old, new, name", [("maskdist.stream", "maskdist.streams", "train_loader"),

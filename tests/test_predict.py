@@ -365,22 +365,72 @@ def test_predict_takes_its_precision_from_the_folds_config(experiment, small_sha
     assert json.loads((tmp_path / "p.predict.json").read_text())["precision"] == "bf16"
 
 
-def test_audit_writes_ranked_suspects_a_contact_sheet_and_a_fixes_file(experiment, small_synth, tmp_path):
+def test_audit_of_weak_models_judges_no_part_and_writes_no_fixes(experiment, tmp_path):
+    # the module's folds trained 3 steps: no part's OOF F1 is near the floor, so even with
+    # --min-evidence lowered nothing may be flagged, and an earlier fixes file must go
     import cv2
 
-    from maskdist.data import layout
-    from maskdist.infer import contact_sheet
+    from maskdist.infer import audit as audit_api, contact_sheet
 
     out = tmp_path / "audit"
+    out.mkdir()
+    (out / "fixes.csv").write_text("person,gender,age,swap_incorrect_normal\nx,female,,\n")
     done = _maskdist(tmp_path, "audit", experiment, "--out", out, "--people", "3", "--min-evidence", "gender=0.4,age=0.5,swap=0.4")
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((out / "audit.json").read_text())
-    suspects = pd.read_csv(out / "suspects.csv")
+    assert set(summary["too_weak"]) == {"gender", "age", "swap"} and summary["fixes"] is None
+    for kind, part in audit_api.PART_OF.items():
+        f1 = summary["part_f1"][part]
+        assert f1 < audit_api.MIN_PART_F1[part]
+        line = (f"  {kind} suspicions not judged: the models' OOF {part} F1 is {f1:.3f}, under the floor"
+                f" {audit_api.MIN_PART_F1[part]:.2f} where the evidence means something; train stronger models")
+        assert done.stdout.splitlines().count(line) == 1, done.stdout
+    assert "no fixes.csv: no part of the models is strong enough to judge" in done.stdout
+    assert "accept them" not in done.stdout and not (out / "fixes.csv").exists()
+    suspects = pd.read_csv(out / "suspects.csv")  # the candidates stay ranked, none flagged
     assert len(suspects) >= 2 * summary["people"] and list(suspects["rank"]) == list(range(1, len(suspects) + 1))
+    assert not suspects["flagged"].any() and suspects["given"].isin(["<30", "30-old", "old"]).any()
     sheet = cv2.imread(str(out / "contact_sheet.png"))
     assert (sheet.shape[1], sheet.shape[0]) == contact_sheet.sheet_size(summary["sheet"]["people"]) and summary["sheet"]["photos"] > 0
+
+
+def test_audit_judges_the_parts_the_models_know_and_its_fixes_apply(experiment, small_synth, tmp_path):
+    # Constructed OOF files over the real experiment (a model with strong gender and age
+    # parts takes minutes of CPU to train): gender and age follow the labels, the mask part
+    # is a coin toss, and one person's seven photos all look the other gender.
+    from maskdist.data import labels, layout
+    from maskdist.infer import audit as audit_api
+    from maskdist.infer.oof import PROB_COLUMNS
+
+    strong = tmp_path / "strong"
+    shutil.copytree(experiment, strong)
+    rng = np.random.default_rng(0)
+    oofs = sorted(strong.glob("fold*/oof.csv"))
+    target = pd.read_csv(oofs[0])["key"].iloc[0].split("/")[0]
+    for path in oofs:
+        frame = pd.read_csv(path)
+        label = frame["label"].to_numpy()
+        mask, gender, group = label // 6, (label // 3) % 2, label % 3
+        gender = np.where(frame["key"].str.startswith(target + "/"), 1 - gender, gender)
+        mask = rng.integers(0, 3, len(frame))
+        logits = rng.normal(scale=0.3, size=(len(frame), labels.NUM_CLASSES))
+        logits[np.arange(len(frame)), mask * 6 + gender * 3 + group] += 6.0
+        probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        frame[PROB_COLUMNS] = probs
+        frame["pred"] = probs.argmax(axis=1)
+        frame.to_csv(path, index=False)
+    out = tmp_path / "audit"
+    done = _maskdist(tmp_path, "audit", strong, "--out", out, "--people", "2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((out / "audit.json").read_text())
+    assert set(summary["too_weak"]) == {"swap"} and summary["part_f1"]["gender"] >= audit_api.MIN_PART_F1["gender"]
+    assert f"  swap suspicions not judged: the models' OOF mask F1 is {summary['part_f1']['mask']:.3f}" in done.stdout
+    assert "gender suspicions not judged" not in done.stdout and "age suspicions not judged" not in done.stdout
+    fixes = pd.read_csv(out / "fixes.csv", dtype=str, keep_default_na=False)
+    assert list(fixes["person"]) == [target] and (fixes["swap_incorrect_normal"] == "").all()
+    assert "accept them: shards build ... --fixes " + str(out / "fixes.csv") in done.stdout
     table, report = layout.read_train(small_synth / "train", fixes=out / "fixes.csv")  # the format --fixes reads
-    assert len(report.by_kind().get("fix-applied", [])) == summary["fixes"] > 0
+    assert len(report.by_kind().get("fix-applied", [])) == summary["fixes"] == 1
 
 
 # --- classify: photos outside the competition layout ----------------------------------------

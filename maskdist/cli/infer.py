@@ -146,7 +146,10 @@ def oof(experiments, tune, out, force, allow_unfinished, as_json):
 @click.option("--allow-unfinished", is_flag=True, help="Read the OOF predictions of folds that did not finish (recorded).")
 def audit(experiments, out, shards, people, min_evidence, truth, allow_unfinished):
     """Rank label suspects (per image and per person) from the OOF predictions; write a CSV, a
-    contact sheet PNG of the suspects' photos and a fixes file for `shards build --fixes`."""
+    contact sheet PNG of the suspects' photos and a fixes file for `shards build --fixes`.
+
+    A kind of suspicion (gender, age, swap) is judged only when the models' OOF F1 of its part
+    (gender, age, mask) reaches a floor (docs/kfold.md); weaker parts are named and give no fixes."""
     from maskdist.infer import audit as audit_api
     from maskdist.infer.pseudo import parse_part_confidence
 

@@ -114,3 +114,9 @@ class ClassName:
 def class_name(label: int) -> str:
     mask, gender, age = decode(label)
     return str(ClassName(MASK_NAMES[mask], GENDER_NAMES[gender], AGE_NAMES[age]))
+
+
+def short_name(label: int, age_cut: int) -> str:
+    """``W F <30``: mask (Wear, Incorrect, Not worn), gender, age group with the training cut."""
+    mask, gender, group = decode(label)
+    return f"{'WIN'[mask]} {'MF'[gender]} {('<30', f'30-{age_cut - 1}', f'{age_cut}+')[group]}"

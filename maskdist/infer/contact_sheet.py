@@ -77,8 +77,6 @@ def _differs(kind: str, given: int, predicted: int) -> bool:
 def draw(suspects: pd.DataFrame, rows: pd.DataFrame, photos: dict[str, np.ndarray], age_cut: int) -> np.ndarray:
     """The sheet (RGB) of ``suspects`` (the audit's person suspects, in order); ``rows`` are
     the audit's OOF rows (key, label, pred, p_pred)."""
-    from maskdist.infer.audit import short_name
-
     by_key = rows.set_index("key")
     width, height = sheet_size(len(suspects))
     sheet = np.full((height, width, 3), BACKGROUND, np.uint8)
@@ -95,8 +93,8 @@ def draw(suspects: pd.DataFrame, rows: pd.DataFrame, photos: dict[str, np.ndarra
                 continue
             row = by_key.loc[key]
             alarm = _differs(s["kind"], int(row["label"]), int(row["pred"]))
-            _text(sheet, f"{short_name(int(row['label']), age_cut)}", left, bottom + 11)
-            _text(sheet, f"{short_name(int(row['pred']), age_cut)} {row['p_pred']:.2f}", left, bottom + 23, ALARM if alarm else INK)
+            _text(sheet, f"{labels.short_name(int(row['label']), age_cut)}", left, bottom + 11)
+            _text(sheet, f"{labels.short_name(int(row['pred']), age_cut)} {row['p_pred']:.2f}", left, bottom + 23, ALARM if alarm else INK)
     return sheet
 
 
