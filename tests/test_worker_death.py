@@ -150,3 +150,39 @@ def test_kill_9_of_a_predict_worker_is_one_line_and_writes_nothing(small_shards,
     assert _last_line(stderr).startswith(f"error: a worker of the prediction loader (pid {worker}) was killed by SIGKILL")
     assert _last_line(stderr).endswith("nothing was written: run the same command again")
     assert not sub.exists() and not list(tmp_path.glob("s*.csv*"))
+
+
+# --- a diverged loss ------------------------------------------------------------------------------
+
+
+@pytest.mark.duration(12)
+def test_a_non_finite_training_loss_stops_at_once_with_the_state_before_it(small_shards, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from maskdist.model.factory import create_model
+
+    model = create_model("test_efficientnet", drop_rate=0.0, warn_random=False)
+    weights = {name: value.clone().contiguous() for name, value in model.state_dict().items()}
+    stem = next(name for name, value in weights.items() if value.ndim == 4)
+    weights[stem][0, 0, 0, 0] = float("nan")  # one poisoned weight: every logit, so the loss, is NaN
+    poisoned = tmp_path / "poisoned.safetensors"
+    save_file(weights, str(poisoned))
+
+    out = tmp_path / "runs"
+    args = _direct("train", "--shards", str(small_shards), "--out", str(out), *ARGS, "--workers", "0",
+                   "--pretrained", str(poisoned))
+    result = run_launch(args, tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    line = _last_line(result.stderr)
+    assert line.startswith("error: the training loss is nan at epoch 0 step 0: the run diverged (lower --lr"), line
+    assert "saved a resumable state at epoch 0 step 0; resume with: maskdist train" in line and line.endswith("--resume")
+    assert len(_batches(out)) == 1  # it stopped on the first batch, not after the epoch
+    state = json.loads((out / "fold0" / "state" / "trainer.json").read_text())
+    assert (state["epoch"], state["step"], state["epoch_done"]) == (0, 0, False)
+    saved = load_file(str(out / "fold0" / "state" / "model.safetensors"))
+    # the weights before the step: the poisoned one as loaded, the others not turned to NaN by an update
+    assert sum(int(torch.isnan(v).sum()) for v in saved.values() if v.is_floating_point()) == 1
+    again = run_launch(args + ["--resume"], tmp_path)  # the state loads; the same weights diverge the same way
+    assert again.returncode == 2 and "resuming at epoch 0 step 0" in again.stdout, again.stderr[-3000:]

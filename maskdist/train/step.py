@@ -68,6 +68,9 @@ def train_step(accelerator: Accelerator, model, optimizer, loss_fn, batch: dict,
         x, y = mixer(x, y)
     grad_norm = None
     module = plain_module(model)  # the EMA follows the plain weights (not a DDP or compiled wrapper)
+    # The forward folds its batch into the BatchNorm statistics: kept to undo a diverged one.
+    buffers = list(module.buffers())
+    before = [b.detach().clone() for b in buffers]
     with accelerator.accumulate(model):
         with accelerator.autocast():
             logits = model(x)
@@ -77,6 +80,9 @@ def train_step(accelerator: Accelerator, model, optimizer, loss_fn, batch: dict,
         # skips that update and lowers the scale.)
         if not _loss_is_finite(accelerator, loss):
             optimizer.zero_grad(set_to_none=True)  # the window's earlier gradients go too
+            with torch.no_grad():
+                for buffer, value in zip(buffers, before):
+                    buffer.copy_(value)
             raise NonFiniteLoss(f"the training loss is {float(loss.detach())}")
         accelerator.backward(loss)
         if accelerator.sync_gradients:
