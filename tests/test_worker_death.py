@@ -186,3 +186,25 @@ def test_a_non_finite_training_loss_stops_at_once_with_the_state_before_it(small
     assert sum(int(torch.isnan(v).sum()) for v in saved.values() if v.is_floating_point()) == 1
     again = run_launch(args + ["--resume"], tmp_path)  # the state loads; the same weights diverge the same way
     assert again.returncode == 2 and "resuming at epoch 0 step 0" in again.stdout, again.stderr[-3000:]
+
+
+def test_a_killed_resource_tracker_leaves_no_traceback(tmp_path):
+    """Locks registered with multiprocessing's resource tracker, the tracker killed, the locks
+    released: the tracker multiprocessing starts again knows none of their names."""
+    script = tmp_path / "tracker.py"
+    script.write_text(f"""
+import gc, os, signal, sys, time
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from multiprocessing import resource_tracker
+from maskdist.system import parallel
+locks = [parallel.context(preload=()).Lock() for _ in range(3)]  # named semaphores, registered
+os.kill(resource_tracker._resource_tracker._pid, signal.SIGKILL)
+time.sleep(0.3)
+del locks  # unregistered: the first call starts a new tracker
+gc.collect()
+print("done", flush=True)
+""")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=launch_env(tmp_path))
+    assert result.returncode == 0 and result.stdout == "done\n", result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "KeyError" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.count("resource tracker was killed") == 1, result.stderr
