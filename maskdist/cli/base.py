@@ -1,7 +1,7 @@
 """The ``maskdist`` command group: a thin click layer over the Python API.
 
 User mistakes raise :class:`maskdist.errors.MaskdistError`; they are printed as one line
-and exit with status 2, without a traceback. The commands live beside this module, one
+and exit with status 2 (or the error's own ``exit_code``), without a traceback. The commands live beside this module, one
 module per stage of the flow.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ class Group(click.Group):
             return super().invoke(ctx)
         except MaskdistError as err:
             click.echo(f"error: {err}", err=True)
-            sys.exit(2)
+            sys.exit(getattr(err, "exit_code", 2))  # 2, or its own (a dead loader worker: 71)
         except Preempted as stopped:
             click.echo(str(stopped), err=True)
             sys.exit(stopped.exit_code)

@@ -38,6 +38,7 @@ from maskdist.infer.members import FoldRun, find_members
 from maskdist.model import heads
 from maskdist.shards import crop as face_crop
 from maskdist.system import distributed, parallel
+from maskdist.system.worker_death import WorkerDied, guarded
 from maskdist.train import checkpoint
 
 # What every model of one ensemble must share (input size and normalisation may differ).
@@ -237,8 +238,13 @@ def group_probs(ensemble: Ensemble, group: InputGroup, loader, device, tta: str 
     channels_last = device.type == "cuda"
     members = [ensemble.members[i] for i in group.members]
     rows, failed = [], []
+    batches = loader  # StreamLoaders guard themselves against a dead worker; DataLoaders are guarded here
+    if isinstance(loader, DataLoader):
+        batches = guarded(loader, "prediction")
+    elif isinstance(getattr(loader, "iterable", None), DataLoader):  # under a progress bar (tqdm)
+        loader.iterable = guarded(loader.iterable, "prediction")
     with torch.no_grad():
-        for batch in loader:
+        for batch in batches:
             images = batch["image"].to(device, non_blocking=True)  # once for every model of the group
             inputs: dict[tuple, list[torch.Tensor]] = {}
             out = torch.empty((len(images), len(members), labels.NUM_CLASSES), dtype=torch.float32, device=device)
@@ -285,6 +291,8 @@ def vote(ensemble: Ensemble, make_loader: Callable[[InputGroup], object], device
         loader = make_loader(group)
         try:
             rows, bad = group_probs(ensemble, group, loader, device, tta, autocast)
+        except WorkerDied as died:
+            raise died.then("nothing was written: run the same command again") from None
         finally:
             if hasattr(loader, "close"):
                 loader.close()

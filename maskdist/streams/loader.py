@@ -1,5 +1,5 @@
 """``StreamLoader``: a torch DataLoader over a stream, with ``set_epoch``, an exact ``len``,
-worker errors as one-line MaskdistErrors and the record of skipped shards; and the two
+worker errors and a worker's death as one-line MaskdistErrors and the record of skipped shards; and the two
 factories the training loop calls, :func:`train_loader` and :func:`eval_loader`.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ from maskdist.streams.samples import ERROR, RESUME_PADDING, SKIPPED
 from maskdist.streams.selection import as_shard_set, as_transform, check_split_args, check_stored_size
 from maskdist.streams.training import DEFAULT_MAX_SKIPPED, DEFAULT_SHUFFLE_BUFFER, TrainStream
 from maskdist.system import parallel
+from maskdist.system.worker_death import guarded
 
 # --- loaders --------------------------------------------------------------------------------
 
@@ -40,8 +41,9 @@ class StreamLoader:
 
     def __init__(self, dataset: IterableDataset, workers: int, pin_memory: bool = False,
                  prefetch_factor: int | None = None, multiprocessing_context=None, max_skipped: float = DEFAULT_MAX_SKIPPED,
-                 persistent: bool = True):
+                 persistent: bool = True, name: str = "training"):
         self.dataset = dataset
+        self.name = name  # in the line that reports a dead worker: training, validation, prediction
         self.workers = int(workers)
         self.prefetch_factor = (prefetch_factor or 2) if self.workers > 0 else 0
         self.max_skipped = float(max_skipped)
@@ -83,7 +85,7 @@ class StreamLoader:
         return len(self.dataset)
 
     def __iter__(self) -> Iterator[dict]:
-        for batch in self.loader:  # starts the (persistent) workers the first time
+        for batch in guarded(self.loader, self.name):  # starts the (persistent) workers the first time
             if ERROR in batch:
                 raise MaskdistError(batch[ERROR])
             if RESUME_PADDING in batch:
@@ -194,4 +196,5 @@ def eval_loader(shard_set: ShardSet | str, fold: int | str, batch_size: int, ran
     check_stored_size(shard_set, transform)
     shards, fields = eval_shards(shard_set, fold)
     dataset = EvalStream(shard_set, shards, fields, batch_size, rank, world_size, transform, workers, channels_last)
-    return StreamLoader(dataset, workers, pin_memory, prefetch_factor, multiprocessing_context, persistent=persistent)
+    return StreamLoader(dataset, workers, pin_memory, prefetch_factor, multiprocessing_context, persistent=persistent,
+                        name="prediction" if fold == "eval" else "validation")

@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 
 WATCH_POLL_S = 0.5  # fallback polling interval where pidfd is missing
 
@@ -38,6 +39,7 @@ LOADER_MODULES = ("maskdist.streams", "maskdist.data.transforms")
 def context(preload: tuple[str, ...] = LOADER_MODULES):
     """The multiprocessing context for every worker maskdist starts; a forkserver that
     starts now imports ``preload`` first (one forkserver per process: the first start wins)."""
+    quiet_tracker_relaunch()
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
@@ -52,6 +54,40 @@ def start_forkserver(preload: tuple[str, ...] = LOADER_MODULES) -> None:
         from multiprocessing import forkserver
 
         forkserver.ensure_running()
+
+
+def quiet_tracker_relaunch() -> None:
+    """When multiprocessing's resource tracker was killed (it is the smallest process of a
+    run, but a ``kill`` of the process group or a careless ``pkill`` reaches it), multiprocessing
+    starts a new one at the next queue or lock, and that one prints a ``KeyError`` traceback
+    for every name the first one held as they are released: harmless, and alarming. This
+    process says so in one line instead and gives the new tracker no stderr. Idempotent."""
+    from multiprocessing import resource_tracker
+
+    tracker = getattr(resource_tracker, "_resource_tracker", None)
+    if tracker is None or getattr(tracker.ensure_running, "quiet_relaunch", False) or not hasattr(tracker, "_check_alive"):
+        return
+    original = tracker.ensure_running
+
+    def ensure_running():
+        if tracker._fd is None or tracker._check_alive():
+            return original()
+        print("warning: multiprocessing's resource tracker was killed; a new one takes over (shared-memory names the"
+              " first one held may be left in /dev/shm)", file=sys.stderr, flush=True)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        saved = os.dup(2)
+        try:
+            os.dup2(devnull, 2)  # the new tracker inherits this process's stderr: give it none
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # multiprocessing's own "relaunching" warning, said above
+                return original()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(devnull)
+
+    ensure_running.quiet_relaunch = True
+    tracker.ensure_running = resource_tracker.ensure_running = ensure_running
 
 
 SHUTDOWN_WAIT_S = 3.0

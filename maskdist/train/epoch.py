@@ -8,20 +8,24 @@ from collections.abc import Callable
 
 from tqdm.auto import tqdm
 
+from maskdist.system.worker_death import WorkerDied
 from maskdist.train import monitor
 from maskdist.train.meters import MEMORY_EVERY_S, EpochTally, PendingFigures, WindowMeter, fold_window, memory_scalars, settle
 from maskdist.train.preemption import Decision, Preempted, Preemption
+from maskdist.train.resume import stop_after_failure
 from maskdist.train.run import Run
-from maskdist.train.step import train_step
+from maskdist.train.step import NonFiniteLoss, train_step
 
 
 def train_epoch(run: Run, epoch: int, tally: EpochTally, first_step: int = 0, preemption: Preemption | None = None,
-                save: Callable[[int, int, str], None] | None = None) -> EpochTally:
+                save: Callable[..., None] | None = None) -> EpochTally:
     """Train ``epoch`` from step ``first_step`` to its end, measuring the loop as it goes.
 
     Logs every ``log_every`` steps (loss, lr, images/s, the data-wait share, step time,
     gradient norm, memory); ``save(epoch, step, why)`` is called when ``preemption`` asks for
-    a mid-epoch save; raises Preempted after the save when it asks to stop.
+    a mid-epoch save; raises Preempted after the save when it asks to stop. A dead loader
+    worker (WorkerDied) or a non-finite loss (NonFiniteLoss) stops the epoch before the step
+    it would spoil, saving the steps done before it where it can (:func:`stop_after_failure`).
     """
     cfg, accelerator, steps = run.cfg, run.accelerator, run.steps_per_epoch
     run.model.train()
@@ -32,19 +36,37 @@ def train_epoch(run: Run, epoch: int, tally: EpochTally, first_step: int = 0, pr
     log = _WindowLog(run, tally, bar)
     batches = iter(run.train_data)
     step, wanted = first_step, None  # wanted: a save (or stop) decided, waiting for its step
+
+    def save_here(why: str, announce: bool = True) -> None:
+        nonlocal window
+        if window.steps:  # the open window goes into the tally the state keeps
+            settle(fold_window(window, tally, accelerator), tally)
+            window = WindowMeter(accelerator.device)
+        log.flush()  # the tally the state keeps is complete
+        save(epoch, step, why, announce)
+
     try:
         while step < steps:
             waited = time.perf_counter()
-            batch = next(batches)
+            try:
+                batch = next(batches)
+            except WorkerDied as died:  # only this rank knows: the others are in their next step
+                raise died.then(stop_after_failure(run, epoch, step, save_here, "worker died", alone=True)) from None
             wait_s = time.perf_counter() - waited
             global_step = epoch * steps + step  # the x axis of every TensorBoard tag
             if epoch == 0 and step == 0 and run.writer is not None:
                 run.writer.add_image("train/augmented_batch", monitor.image_grid(batch["image"]), global_step, dataformats="HWC")
             if run.batch_log is not None:
                 run.batch_log.write(f"{epoch} {step} {' '.join(batch['key'])}\n")
-            loss, grad_norm = train_step(accelerator, run.model, run.optimizer, run.loss_fn, batch, run.mean, run.std,
-                                         run.channels_last, run.lr(epoch, step), cfg.clip_grad, run.mixer, run.ema,
-                                         run.optimizer_step(epoch, step))
+            try:
+                loss, grad_norm = train_step(accelerator, run.model, run.optimizer, run.loss_fn, batch, run.mean, run.std,
+                                             run.channels_last, run.lr(epoch, step), cfg.clip_grad, run.mixer, run.ema,
+                                             run.optimizer_step(epoch, step))
+            except NonFiniteLoss as err:  # every rank agreed on it: they save together
+                saved = stop_after_failure(run, epoch, step, save_here, "non-finite loss")
+                raise NonFiniteLoss(f"{err} at epoch {epoch} step {step}: the run diverged (lower --lr, raise --warmup-epochs or"
+                                    " --clip-grad, train in --precision bf16 or no rather than fp16, check the"
+                                    f" --pretrained weights); {saved}") from None
             window.add(loss, grad_norm, batch["image"].shape[0], wait_s)
             step += 1
             # Every rank reaches the same steps (equal step counts), so the reduce cannot hang.
@@ -57,11 +79,7 @@ def train_epoch(run: Run, epoch: int, tally: EpochTally, first_step: int = 0, pr
             # A save waits for the end of an accumulation window: the state holds no gradients.
             # (Every rank counts the same steps, so every rank acts on the same one.)
             if wanted is not None and step % cfg.grad_accum == 0:
-                if window.steps:  # the open window goes into the tally the state keeps
-                    settle(fold_window(window, tally, accelerator), tally)
-                    window = WindowMeter(accelerator.device)
-                log.flush()  # the tally the state keeps is complete
-                save(epoch, step, f"on {wanted.signal_name}" if wanted.stop else "periodic")
+                save_here(f"on {wanted.signal_name}" if wanted.stop else "periodic")
                 if wanted.stop:
                     raise Preempted(f"stopped on {wanted.signal_name} at epoch {epoch} step {step} with its state saved:"
                                     " `--resume` continues from the next batch")

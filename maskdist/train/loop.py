@@ -19,6 +19,8 @@ at the next batch: the batches, and on CPU the weights, are those of an uninterr
 """
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
 import sys
@@ -31,6 +33,7 @@ from maskdist import config as config_mod
 from maskdist.errors import MaskdistError
 from maskdist.system import distributed, parallel
 from maskdist.system.fileio import disk_full, is_disk_full
+from maskdist.system.worker_death import WorkerDied
 from maskdist.train import checkpoint, monitor, trackers
 from maskdist.train.checkpoint import TENSORBOARD, TRAINER_STATE
 from maskdist.train.epoch import train_epoch
@@ -39,6 +42,7 @@ from maskdist.train.folder import FoldFolder
 from maskdist.train.full import finish_full_epoch, resolve_epochs
 from maskdist.train.meters import EpochTally
 from maskdist.train.preemption import Preempted, Preemption
+from maskdist.train.resume import stop_after_failure
 from maskdist.train.run import make_accelerator, open_batch_log, setup
 from maskdist.train.state import checksum, epoch_done, load_ema, save_state
 
@@ -195,9 +199,9 @@ def _train_in(cfg: config_mod.TrainConfig, accelerator, start, epochs_source: di
         preemption.saved()
         return seconds
 
-    def save_mid_epoch(epoch: int, step: int, why: str) -> None:
+    def save_mid_epoch(epoch: int, step: int, why: str, announce: bool = True) -> None:
         seconds = save(epoch, step, False)
-        if main:
+        if main and announce:
             accelerator.log({"checkpoint/save_s": seconds}, step=epoch * steps + step)
             accelerator.print(f"saved a resumable state at epoch {epoch} step {step} ({why}) in {seconds:.2f} s")
 
@@ -210,7 +214,15 @@ def _train_in(cfg: config_mod.TrainConfig, accelerator, start, epochs_source: di
             if cfg.full_data:
                 best = finish_full_epoch(run, epoch, tally, skipped_history, epochs_source)
             else:
-                best = finish_epoch(run, epoch, tally, best, skipped_history)
+                before = copy.deepcopy(skipped_history)
+                try:
+                    best = finish_epoch(run, epoch, tally, best, skipped_history)
+                except WorkerDied as died:  # a validation worker: the epoch's steps are all done
+                    skipped_history.clear()  # the resumed epoch end counts its skipped shards again
+                    skipped_history.update(before)
+                    raise died.then(stop_after_failure(
+                        run, epoch, steps, functools.partial(save_mid_epoch, epoch, steps),
+                        "worker died", alone=True)) from None
             tally = EpochTally()
             save(epoch, steps, True)
             decision = preemption.at_epoch_end()

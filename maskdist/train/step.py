@@ -8,9 +8,24 @@ from accelerate import Accelerator
 
 from maskdist import config as config_mod
 from maskdist.data import transforms
+from maskdist.errors import MaskdistError
 from maskdist.model.ema import Ema
 from maskdist.model.factory import plain_module
 from maskdist.model.mixing import Mixer
+
+
+class NonFiniteLoss(MaskdistError):
+    """A training step's loss is inf or NaN (on any rank); its update was not made."""
+
+
+def _loss_is_finite(accelerator: Accelerator, loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every rank (one flag summed over ranks: they all agree).
+    It reads the flag on the host, so a CUDA step waits for its forward here: the price of
+    stopping before the update instead of after NaN weights."""
+    bad = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    return not bool(bad.item())
 
 
 def make_optimizer(cfg: config_mod.TrainConfig, model: torch.nn.Module, lr: float, fused: bool = False) -> torch.optim.Optimizer:
@@ -42,6 +57,7 @@ def train_step(accelerator: Accelerator, model, optimizer, loss_fn, batch: dict,
     under autocast, backward; on the last micro-batch of an accumulation window set the lr,
     clip, step, and fold the new weights into the EMA (``optimizer_step``: steps done after it).
 
+    Raises :class:`NonFiniteLoss` before the backward when the loss is not finite on any rank.
     Returns the loss and, on optimiser steps, the gradient norm before clipping (what
     clipping returns, or computed the same way when clipping is off), both still on the
     device so that no step waits for the host.
@@ -52,10 +68,22 @@ def train_step(accelerator: Accelerator, model, optimizer, loss_fn, batch: dict,
         x, y = mixer(x, y)
     grad_norm = None
     module = plain_module(model)  # the EMA follows the plain weights (not a DDP or compiled wrapper)
+    # The forward folds its batch into the BatchNorm statistics: kept to undo a diverged one.
+    buffers = list(module.buffers())
+    before = [b.detach().clone() for b in buffers]
     with accelerator.accumulate(model):
         with accelerator.autocast():
             logits = model(x)
         loss = loss_fn(logits, y)
+        # The loss is unscaled, so fp16's GradScaler never makes it inf: a non-finite loss is
+        # a diverged run. (Gradients that overflow under fp16's scaling are the scaler's: it
+        # skips that update and lowers the scale.)
+        if not _loss_is_finite(accelerator, loss):
+            optimizer.zero_grad(set_to_none=True)  # the window's earlier gradients go too
+            with torch.no_grad():
+                for buffer, value in zip(buffers, before):
+                    buffer.copy_(value)
+            raise NonFiniteLoss(f"the training loss is {float(loss.detach())}")
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             for group in optimizer.param_groups:
