@@ -7,7 +7,7 @@ module      commands
 ``data``    ``synth``, ``layout``, ``shards build|inspect|verify``
 ``train``   ``train``, ``kfold``, ``demo``, ``weights fetch|list``
 ``infer``   ``predict``, ``score``, ``oof``, ``compare``, ``pseudo-label``, ``classify``, ``export``
-``bench``   ``bench loader|train|epoch|predict|onnx|memory|options``
+``bench``   ``bench loader|train|epoch|predict|onnx|memory|options|compare``
 =========== ==================================================================
 """
 from maskdist.cli import bench, data, infer, train  # noqa: F401  (each module adds its commands to main)

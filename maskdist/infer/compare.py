@@ -80,17 +80,21 @@ def bootstrap(y_true, preds, groups, resamples: int = 2000, seed: int = 0) -> tu
     macro_f1 / mask / gender / age (``[B,] E``) and per_class_f1 (``[B,] E x 18``)."""
     y_true = np.asarray(y_true, dtype=np.int64)
     preds = np.asarray(preds, dtype=np.int64).reshape(len(y_true), -1)
+    if len(y_true) == 0:
+        raise MaskdistError("no rows to compare")
     _, group_index = np.unique(np.asarray(groups), return_inverse=True)
-    people = int(group_index.max()) + 1 if len(group_index) else 0
+    people = int(group_index.max()) + 1
     truth, counts = _row_counts(y_true, preds)
-    # per person: sum its rows (a sparse sum via bincount-like add.at on the person axis)
-    person_truth = np.zeros((people, truth.shape[1]))
-    np.add.at(person_truth, group_index, truth)
-    person_counts = np.zeros((people,) + counts.shape[1:])
-    np.add.at(person_counts, group_index, counts)
+    # per person: the sum of its rows (rows sorted by person, summed between person starts)
+    order = np.argsort(group_index, kind="stable")
+    starts = np.searchsorted(group_index[order], np.arange(people))
+    person_truth = np.add.reduceat(truth[order], starts, axis=0)
+    person_counts = np.add.reduceat(counts[order], starts, axis=0)
     observed = _figures(_f1(person_counts[:, 0].sum(0), person_counts[:, 1].sum(0), person_truth.sum(0)))
+    # each resample: how often each person is drawn (people draws with replacement), B x P
     rng = np.random.default_rng(seed)
-    weights = rng.multinomial(people, np.full(people, 1.0 / people), size=resamples).astype(np.float64)  # B x P
+    draws = rng.integers(0, people, size=(resamples, people)) + (np.arange(resamples) * people)[:, None]
+    weights = np.bincount(draws.ravel(), minlength=resamples * people).reshape(resamples, people).astype(np.float64)
     flat = person_counts.reshape(people, -1)
     resampled_counts = (weights @ flat).reshape((resamples,) + counts.shape[1:])
     resampled_truth = (weights @ person_truth)[:, None, :]
