@@ -65,3 +65,20 @@ def test_calibration_seed_only_pairs_are_not_called_different_and_a_planted_gain
     assert result.seed_only_same >= 36, result.describe()
     assert result.planted_detected >= 38, result.describe()
     assert result.seed_only_same_per_image < result.seed_only_same  # the naive per-photo bootstrap is overconfident
+
+
+def test_seed_replicates_share_every_training_setting_and_the_labels(tmp_path):
+    from maskdist import config
+    from maskdist.train.folder import write_plan
+
+    folders = []
+    for name, seed, lr in (("a", 0, 0.4), ("b", 1, 0.4), ("c", 0, 0.2), ("d", 2, 0.4), ("e", 0, 0.4)):
+        (tmp_path / name).mkdir()
+        write_plan(tmp_path / name, config.TrainConfig(shards="-", seed=seed, lr=lr))
+        folders.append(tmp_path / name)
+    same = np.zeros((10, 5), dtype=np.int64)
+    # e repeats a's seed: two runs of one seed are not seed noise; c trains otherwise
+    assert compare.seed_groups(folders, same) == [[0, 1, 3]]
+    other_cut = same.copy()
+    other_cut[0, 1] = 2  # b learnt other labels (another age cut): not a replicate
+    assert compare.seed_groups(folders, other_cut) == [[0, 3]]

@@ -115,38 +115,32 @@ def verdict(interval: Sequence[float]) -> str:
 
 # --- experiments: seeds, sections --------------------------------------------------------------
 
-def _plan_without_seed(experiment: Path) -> dict | None:
-    from maskdist.train.folder import read_plan  # here: the eval-only path needs no training code
+def _plans(experiments: Sequence[Path]) -> list[dict | None]:
+    from maskdist.train.folder import read_plan  # here: the module itself needs no training code
 
-    plan = read_plan(experiment)
-    return None if plan is None else {k: v for k, v in plan.items() if k != "seed"}
+    return [read_plan(Path(e)) for e in experiments]
 
 
 def seed_groups(experiments: Sequence[Path], train_labels: np.ndarray | None) -> list[list[int]]:
     """Groups (indices, two or more) of experiments whose plans agree in everything but the
-    seed, with different seeds, trained on the same labels (``train_labels``: rows x E)."""
-    plans = [_plan_without_seed(Path(e)) for e in experiments]
-    seeds = [None if p is None else (read_seed(Path(e))) for e, p in zip(experiments, plans)]
+    seed, with different seeds, trained on the same labels (``train_labels``: rows x E; the
+    shard set's location is a run-only setting, so the labels tell an age cut or label fixes
+    apart)."""
+    plans = _plans(experiments)
+    rest = [None if p is None else {k: v for k, v in p.items() if k != "seed"} for p in plans]
     groups: list[list[int]] = []
-    for i, plan in enumerate(plans):
+    for i, plan in enumerate(rest):
         if plan is None:
             continue
         for group in groups:
             j = group[0]
             same_labels = train_labels is None or np.array_equal(train_labels[:, i], train_labels[:, j])
-            if plans[j] == plan and same_labels and seeds[i] not in [seeds[k] for k in group]:
+            if rest[j] == plan and same_labels and plans[i]["seed"] not in [plans[k]["seed"] for k in group]:
                 group.append(i)
                 break
         else:
             groups.append([i])
     return [g for g in groups if len(g) > 1]
-
-
-def read_seed(experiment: Path):
-    from maskdist.train.folder import read_plan
-
-    plan = read_plan(experiment)
-    return None if plan is None else plan.get("seed")
 
 
 def _section(names: list[str], y_true, preds, groups, unit: str, resamples: int, seed: int,
@@ -270,7 +264,7 @@ def compare_experiments(run_dirs: Sequence[str | os.PathLike], *, resamples: int
     names = [str(e) for e in oof.experiments]
     replicates = seed_groups(oof.experiments, oof.train_labels)
     result = {"resamples": int(resamples), "seed": int(seed), "confidence": CONFIDENCE, "reference": names[0],
-              "experiments": names, "seeds": [read_seed(e) for e in oof.experiments],
+              "experiments": names, "seeds": [None if p is None else p.get("seed") for p in _plans(oof.experiments)],
               "seed_replicates": [[names[e] for e in g] for g in replicates],
               "unfinished": oof.unfinished,
               "oof": _section(names, oof.label_true, oof.preds, _people(oof.keys), "person", resamples, seed, replicates),
