@@ -42,20 +42,17 @@ def _one_hot(values: np.ndarray, classes: int) -> np.ndarray:
     return out
 
 
+def _columns(y: np.ndarray) -> np.ndarray:
+    """One-hot columns of 18-class labels: the 18 classes, then each part's classes."""
+    return np.concatenate([_one_hot(y, labels.NUM_CLASSES)] + [_one_hot((y // d) % m, size) for _n, d, m, size in PARTS], axis=1)
+
+
 def _row_counts(y_true: np.ndarray, preds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row: (true class one-hots of the 18 classes then of each part) and per experiment
-    (true-positive and predicted one-hots of the same columns)."""
-    truth, tp, predicted = [_one_hot(y_true, labels.NUM_CLASSES)], [], []
-    for _name, divisor, modulo, size in PARTS:
-        truth.append(_one_hot((y_true // divisor) % modulo, size))
-    for e in range(preds.shape[1]):
-        p = preds[:, e]
-        cols_pred = [_one_hot(p, labels.NUM_CLASSES)] + [_one_hot((p // d) % m, s) for _n, d, m, s in PARTS]
-        cols_pred = np.concatenate(cols_pred, axis=1)
-        predicted.append(cols_pred)
-    truth = np.concatenate(truth, axis=1)
-    tp = [pred * truth for pred in predicted]
-    return truth, np.stack([np.stack(tp, axis=1), np.stack(predicted, axis=1)], axis=1)  # rows x C', rows x 2 x E x C'
+    """Per row, the count columns (:func:`_columns`): the truth's (rows x C'), and per
+    experiment its true positives and its predictions (rows x 2 x E x C')."""
+    truth = _columns(y_true)
+    predicted = np.stack([_columns(preds[:, e]) for e in range(preds.shape[1])], axis=1)
+    return truth, np.stack([predicted * truth[:, None, :], predicted], axis=1)
 
 
 def _f1(tp: np.ndarray, predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
