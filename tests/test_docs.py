@@ -36,6 +36,7 @@ EXPECT = {
     "maskdist bench predict": "ratio predict / bare",
     "maskdist bench memory": "worker",
     "maskdist bench crop": "found bare",
+    "maskdist bench compare": "no detectable difference",
     "maskdist export": "wrote",
     "maskdist bench onnx": "ratio onnxruntime / PyTorch",
 }

@@ -680,3 +680,54 @@ def test_bench_onnx_reports_agreement_and_both_rates(experiment, small_synth):
     assert result.max_abs_diff < ONNX_TOLERANCE and result.same_labels == 1.0
     text = result.describe()
     assert "ratio onnxruntime / PyTorch" in text and "maskdist classify" in text and result.ratio > 0
+
+
+def test_compare_on_real_experiments_pairs_seed_replicates_scores_the_eval_set_and_refuses_other_folds(experiment, small_shards,
+                                                                                                     small_synth, tmp_path):
+    """`maskdist compare` on the trained experiment and copies of it: a copy whose plan differs
+    only in the seed is a seed replicate; the figures are oof --json's; another fold split is
+    refused in one line."""
+    from maskdist.infer import predict as predict_api
+
+    twin = tmp_path / "twin"
+    shutil.copytree(experiment, twin)
+    plan = twin / "experiment.yaml"
+    plan.write_text(plan.read_text().replace("\nseed: 0\n", "\nseed: 1\n"))
+    submission = tmp_path / "sub.csv"
+    predict_api.predict([experiment], submission, shards=str(small_shards), workers=0, batch_size=8)
+    answers = small_synth / "eval_answers.csv"
+    done = _maskdist(tmp_path, "compare", experiment, twin, "--resamples", "300", "--answers", answers,
+                     "--submission", submission, "--submission", probs_path(submission), "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    oof_json = json.loads(_maskdist(tmp_path, "oof", experiment, "--json").stdout)["oof"]
+    first = result["oof"]["experiments"][0]
+    assert first["macro_f1"] == pytest.approx(oof_json["macro_f1"]) and first["part_f1"] == pytest.approx(oof_json["part_f1"])
+    assert first["per_class_f1"] == pytest.approx(oof_json["per_class_f1"])
+    assert result["seeds"] == [0, 1] and result["seed_replicates"] == [[str(experiment), str(twin)]]
+    diff = result["oof"]["differences"][0]
+    assert diff["macro_f1"] == 0 and diff["interval"] == [0, 0] and diff["verdict"] == "no detectable difference"
+    assert len(diff["per_class_f1"]) == 18 and result["oof"]["unit"] == "person"
+    assert result["oof"]["groups"] == len({k.split("/")[0] for f in range(FOLDS)
+                                           for k in pd.read_csv(experiment / f"fold{f}" / "oof.csv")["key"]})
+    # the eval set: the same submission as CSV and as predict's probabilities, scored as `score` does
+    scored = scoring.score_submission(submission, answers)
+    assert [e["macro_f1"] for e in result["eval"]["experiments"]] == pytest.approx([scored.macro_f1] * 2)
+    assert result["eval"]["unit"] == "image" and result["eval"]["differences"][0]["interval"] == [0, 0]
+    text = _maskdist(tmp_path, "compare", experiment, twin, "--resamples", "300")
+    assert f"{twin} vs {experiment}: +0.0000 [+0.0000, +0.0000]: no detectable difference" in text.stdout
+    assert "differ only in the seed" in text.stdout
+
+    # another split of the same people into folds: refused in one line
+    other = tmp_path / "other-folds"
+    shutil.copytree(experiment, other)
+    for f in range(FOLDS):
+        path = other / f"fold{f}" / "oof.csv"
+        frame = pd.read_csv(path)
+        frame["fold"] = (frame["fold"] + 1) % FOLDS
+        frame.to_csv(path, index=False)
+    refused = _maskdist(tmp_path, "compare", experiment, other)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert f"{other} split the people into other folds than {experiment}" in refused.stderr
+    alone = _maskdist(tmp_path, "compare", experiment)
+    assert alone.returncode == 2 and "two or more experiments" in alone.stderr

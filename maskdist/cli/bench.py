@@ -222,3 +222,31 @@ def bench_crop_cmd(synth_dir, synth_images, margins, rounds):
     except ValueError:
         raise MaskdistError(f"--margins {margins!r}: expected comma-separated numbers, e.g. 0.3,0.4") from None
     click.echo(bench_api.bench_crop(values, synth_dir, synth_images, rounds).describe())
+
+
+@bench.command("compare")
+@click.option("--rows", type=int, default=18900, show_default=True, help="OOF rows timed (7 photos per person).")
+@click.option("--resamples", type=int, default=2000, show_default=True, help="Bootstrap resamples timed.")
+@click.option("--repeats", type=int, default=200, show_default=True,
+              help="Calibration repeats on simulated OOF predictions (0: time only).")
+@click.option("--people", type=int, default=2700, show_default=True, help="People per calibration repeat.")
+@click.option("--calibration-resamples", type=int, default=1000, show_default=True, help="Bootstrap resamples per repeat.")
+@click.option("--age-gain", type=float, default=0.08, show_default=True,
+              help="The planted improvement: the rise in the chance of a person's right age group.")
+@click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
+def bench_compare_cmd(rows, resamples, repeats, people, calibration_resamples, age_gain, as_json):
+    """`compare`'s bootstrap: its time on ROWS OOF rows, and its calibration on simulated OOF
+    predictions (seed-only pairs must get 'no detectable difference', a planted gain 'better')."""
+    import json
+
+    from maskdist.bench import compare as bench_api
+
+    speed = bench_api.bench_speed(rows, resamples=resamples)
+    calibration = bench_api.calibrate(repeats, people, calibration_resamples, age_gain) if repeats > 0 else None
+    if as_json:
+        click.echo(json.dumps({"speed": speed, "calibration": bench_api.as_dict(calibration) if calibration else None}))
+        return
+    click.echo(f"bootstrap of {speed['rows']} OOF rows ({speed['people']} people) x {speed['experiments']} experiments,"
+               f" {speed['resamples']} resamples: {speed['seconds']:.2f} s (best of {len(speed['rounds'])})")
+    if calibration is not None:
+        click.echo(calibration.describe())
