@@ -8,9 +8,10 @@ module      commands
 ``train``   ``train``, ``kfold``, ``demo``, ``weights fetch|list``
 ``infer``   ``predict``, ``score``, ``oof``, ``pseudo-label``, ``classify``, ``export``
 ``bench``   ``bench loader|train|epoch|predict|onnx|memory|options``
+``report``  ``report``
 =========== ==================================================================
 """
-from maskdist.cli import bench, data, infer, train  # noqa: F401  (each module adds its commands to main)
+from maskdist.cli import bench, data, infer, report, train  # noqa: F401  (each module adds its commands to main)
 from maskdist.cli.base import main
 
 __all__ = ["main"]
