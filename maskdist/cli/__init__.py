@@ -6,7 +6,7 @@ module      commands
 ``base``    the group: one-line errors (exit 2), the preemption exit status
 ``data``    ``synth``, ``layout``, ``shards build|inspect|verify``
 ``train``   ``train``, ``kfold``, ``demo``, ``weights fetch|list``
-``infer``   ``predict``, ``score``, ``oof``, ``pseudo-label``, ``classify``, ``export``
+``infer``   ``predict``, ``score``, ``oof``, ``compare``, ``pseudo-label``, ``classify``, ``export``
 ``bench``   ``bench loader|train|epoch|predict|onnx|memory|options``
 ``report``  ``report``
 =========== ==================================================================

@@ -1,4 +1,4 @@
-"""Commands that use trained folds: ``predict``, ``score``, ``oof``, ``audit``, ``pseudo-label``, ``classify``, ``export``."""
+"""Commands that use trained folds: ``predict``, ``score``, ``oof``, ``compare``, ``audit``, ``pseudo-label``, ``classify``, ``export``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -133,6 +133,32 @@ def oof(experiments, tune, out, force, allow_unfinished, as_json):
         click.echo(f"equal-weight blend of {len(result['experiments'])} experiments: out-of-fold macro F1 {result['blend'].macro_f1:.4f}")
     if tuned is not None:
         click.echo(oof_api.describe_tuned(tuned))
+
+
+@main.command()
+@click.argument("experiments", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--answers", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The eval set's answers (ImageID,ans): the same figures on the eval set, from each experiment's submission.")
+@click.option("--submission", "submissions", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="With --answers: a submission CSV or predict's .probs.npz, once per experiment in order"
+              " (default: EXPERIMENT/submission.csv).")
+@click.option("--resamples", type=int, default=2000, show_default=True, help="Bootstrap resamples (of people).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap resamples.")
+@click.option("--allow-unfinished", is_flag=True, help="Read the OOF predictions of folds that did not finish (recorded).")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def compare(experiments, answers, submissions, resamples, seed, allow_unfinished, as_json):
+    """Did a change help? Paired differences against the first experiment, with 95% intervals
+    from a bootstrap over people, and a verdict each.
+
+    EXPERIMENTS: two or more experiment folders trained on the same shard set (same folds,
+    same people)."""
+    import json
+
+    from maskdist.infer import compare as compare_api
+
+    result = compare_api.compare_experiments(list(experiments), resamples=resamples, seed=seed, answers=answers,
+                                             submissions=list(submissions) or None, allow_unfinished=allow_unfinished)
+    click.echo(json.dumps(result) if as_json else compare_api.describe(result))
 
 
 @main.command()

@@ -42,6 +42,8 @@ class OofSet:
     experiments: list[Path]
     runs: list[FoldRun]
     per_fold: dict = field(default_factory=dict)  # experiment index -> fold -> Scores of that fold's rows
+    fold_sets: np.ndarray | None = None  # rows x experiments: each experiment's validation fold of each row
+    train_labels: np.ndarray | None = None  # rows x experiments: each experiment's training labels
 
     @property
     def unfinished(self) -> list[str]:
@@ -86,7 +88,9 @@ def load_oof(sources: Sequence[str | os.PathLike], allow_unfinished: bool = Fals
     probs = np.stack([f[PROB_COLUMNS].to_numpy(np.float64) for f in frames], axis=1)
     preds = np.stack([f["pred"].to_numpy(np.int64) for f in frames], axis=1)
     return OofSet(first["key"].to_numpy(), first["fold"].to_numpy(np.int64), first["label_true"].to_numpy(np.int64),
-                  first["label"].to_numpy(np.int64), probs, preds, experiments, runs, per_fold)
+                  first["label"].to_numpy(np.int64), probs, preds, experiments, runs, per_fold,
+                  np.stack([f["fold"].to_numpy(np.int64) for f in frames], axis=1),
+                  np.stack([f["label"].to_numpy(np.int64) for f in frames], axis=1))
 
 
 def oof_scores(experiment: str | os.PathLike | Sequence[str | os.PathLike], allow_unfinished: bool = False) -> dict:

@@ -73,12 +73,18 @@ def ensemble_and_folds(probs_npz: str | os.PathLike, answers: str | os.PathLike)
     y = truth.loc[list(saved["image_id"]), "ans"].astype(int).to_numpy()
     folds = {int(k): metrics.score(y, saved["fold_probs"][:, i].argmax(axis=1)).macro_f1 for i, k in enumerate(saved["folds"])}
     full_data = folds.pop(FULL_DATA_FOLD, None)  # the full-data model, when it voted
-    weights = saved["class_weights"] if "class_weights" in saved.files else np.ones(labels.NUM_CLASSES)
-    decided = (saved["probs"] * weights[None, :]).argmax(axis=1)
+    decided = decided_labels(saved)
     return {"ensemble": metrics.score(y, decided).macro_f1, "ensemble_argmax": metrics.score(y, saved["probs"].argmax(axis=1)).macro_f1,
             "decisions": str(saved["decisions"]) if "decisions" in saved.files else "argmax",
             "folds": folds, "fold_mean": float(np.mean(list(folds.values()))) if folds else float("nan"),
             **({"full_data": full_data} if full_data is not None else {})}
+
+
+def decided_labels(saved) -> np.ndarray:
+    """The classes a ``.probs.npz`` decided: its probabilities with the decisions' class
+    weights the submission used (argmax without them)."""
+    weights = saved["class_weights"] if "class_weights" in saved.files else np.ones(labels.NUM_CLASSES)
+    return (saved["probs"] * weights[None, :]).argmax(axis=1)
 
 
 def placeholder_warning(answers: str | os.PathLike) -> str:
