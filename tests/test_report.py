@@ -1,6 +1,7 @@
-"""`maskdist report` as a person sees it: the page opened in a real headless Chromium
-(Debian's package; the test skips, saying so, where it is not installed), a screenshot
-taken, every picture decoded, and the numbers the browser shows equal to `oof --json`."""
+"""`maskdist report` as a person sees it: the page of two experiments opened in a real headless
+Chromium (Debian's package; the test skips, saying so, where it is not installed), a
+screenshot taken, every picture decoded, and the numbers the browser shows equal to
+`oof --json` and `compare --json`."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import launch_env
+from conftest import EXPERIMENT_FOLDS, EXPERIMENT_TRAIN, launch_env
 
 from maskdist.cli import main
 
@@ -69,13 +70,17 @@ def _cli(*args) -> str:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium): the page cannot be opened")
-def test_the_report_renders_in_a_browser_with_the_oof_figures(trained_experiment, tmp_path):
-    experiment = tmp_path / "exp"
+def test_the_report_renders_in_a_browser_with_the_oof_and_compare_figures(trained_experiment, small_shards, tmp_path):
+    experiment, other = tmp_path / "exp", tmp_path / "other"
     shutil.copytree(trained_experiment, experiment)
+    for fold in range(EXPERIMENT_FOLDS):  # a second experiment on the same shard set: another seed
+        train = [sys.executable, "-m", "maskdist", "train", "--shards", str(small_shards), "--fold", str(fold), "--out", str(other),
+                 *EXPERIMENT_TRAIN, "--seed", "1"]
+        assert subprocess.run(train, env=launch_env(tmp_path), capture_output=True, timeout=300, cwd=tmp_path).returncode == 0
     tuned = json.loads(_cli("oof", str(experiment), "--tune", "--force", "--json"))["decisions"]
     _cli("audit", str(experiment), "--people", "2")
     report = tmp_path / "report.html"
-    assert "wrote" in _cli("report", str(experiment), "--out", str(report))
+    assert "wrote" in _cli("report", str(experiment), str(other), "--out", str(report))
     text = report.read_text()
     assert not re.search(r"(src|href)=[\"']?(https?:|//)", text)  # self-contained: nothing fetched at view time
 
@@ -84,8 +89,8 @@ def test_the_report_renders_in_a_browser_with_the_oof_figures(trained_experiment
     parsed = Cells()
     parsed.feed(_browse(page, tmp_path, "--dump-dom", f"--window-size={WIDTH},1000").stdout)
     body = parsed.body
-    # curves, per-class F1, confusion matrix, reliability, the audit's contact sheet: all decoded
-    assert int(body["data-images"]) == 5 and int(body["data-decoded"]) == 5, body
+    # per experiment curves, per-class F1, confusion matrix, reliability; the first's audit contact sheet: all decoded
+    assert int(body["data-images"]) == 9 and int(body["data-decoded"]) == 9, body
     height = int(body["data-height"])
     boxes = json.loads(body["data-boxes"])
     assert height >= sum(b[3] for b in boxes) + 60 * 20  # the pictures and at least 60 table rows (20 px each)
@@ -110,6 +115,15 @@ def test_the_report_renders_in_a_browser_with_the_oof_figures(trained_experiment
     expected |= {f"e0.oof.count.{c}": str(sum(row)) for c, row in enumerate(s["confusion"])}
     expected |= {f"e0.oof.confusion.{r}.{c}": str(n) for r, row in enumerate(s["confusion"]) for c, n in enumerate(row)}
     expected |= {f"e0.folds.{k}.macro_f1": f"{v['macro_f1']:.4f}" for k, v in oof["folds"].items()}
+    compared = json.loads(_cli("compare", str(experiment), str(other), "--json"))["oof"]
+    for i, x in enumerate(compared["experiments"]):
+        expected |= {f"cmp.exp.{i}.macro_f1": f"{x['macro_f1']:.4f}", f"cmp.exp.{i}.low": f"{x['interval'][0]:.4f}",
+                     f"cmp.exp.{i}.high": f"{x['interval'][1]:.4f}"}
+        expected |= {f"cmp.exp.{i}.{p}": f"{v:.4f}" for p, v in x["part_f1"].items()}
+    d = compared["differences"][0]
+    expected |= {"cmp.diff.0.macro_f1": f"{d['macro_f1']:+.4f}", "cmp.diff.0.low": f"{d['interval'][0]:.4f}",
+                 "cmp.diff.0.high": f"{d['interval'][1]:.4f}", "cmp.diff.0.verdict": d["verdict"]}
+    assert compared["experiments"][0]["macro_f1"] == pytest.approx(s["macro_f1"])
     assert {k: shown.get(k) for k in expected} == expected
 
 

@@ -10,10 +10,11 @@ import base64
 import html
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from maskdist.data import labels
+from maskdist.errors import MaskdistError
 from maskdist.report import plots
 from maskdist.report.figures import Experiment, gather
 from maskdist.system.fileio import atomic_write_text
@@ -64,7 +65,8 @@ def _plan(x: Experiment) -> str:
 
 
 def _folds(x: Experiment, key: str) -> str:
-    rows = [[_cell(f"fold{f.fold}", left=True), _cell(f"{len(f.curves.epochs)} of {f.epochs}"), _cell(f.best_epoch, f"{key}.folds.{f.fold}.best_epoch"),
+    rows = [[_cell(f"fold{f.fold}", left=True), _cell(f"{len(f.curves.epochs)} of {f.epochs}"),
+             _cell(f.best_epoch, f"{key}.folds.{f.fold}.best_epoch"),
              _cell(_f(f.best_macro_f1), f"{key}.folds.{f.fold}.best_macro_f1"),
              _cell(_f(x.fold_scores[f.fold].macro_f1) if f.fold in x.fold_scores else "n/a", f"{key}.folds.{f.fold}.macro_f1"),
              _cell(_f(100 * f.curves.mean("data_wait"), 1) if f.curves.epochs else "n/a"),
@@ -133,18 +135,49 @@ def _audit(x: Experiment) -> str:
 
 def experiment_section(x: Experiment, key: str) -> str:
     notes = "".join(f'<p class="note">note: {_e(n)}</p>' for n in x.notes + [f"unfinished fold read: {u}" for u in x.unfinished])
-    return (f"<h2>{_e(x.path.name)} <span class='muted'>{_e(x.path)}</span></h2>" + notes + _plan(x) + _folds(x, key) + _oof(x, key)
+    where = f" <span class='muted'>{_e(x.path)}</span>" if str(x.path) != x.path.name else ""
+    return (f"<h2>{_e(x.path.name)}{where}</h2>" + notes + _plan(x) + _folds(x, key) + _oof(x, key)
             + _decisions(x, key) + _audit(x))
 
 
+def _interval(values, key: str) -> list[str]:
+    low, high = values
+    return [_cell(f"{low:.4f}", f"{key}.low"), _cell(f"{high:.4f}", f"{key}.high")]
+
+
 def compare_section(result: dict) -> str:
-    """The comparison of several experiments (``maskdist compare``'s figures) at the top."""
-    return ""
+    """``maskdist compare``'s figures (the dict ``compare --json`` prints) at the top: each
+    experiment's OOF figures with their intervals, then each difference and its verdict."""
+    section = result["oof"]
+    units = "people" if section["unit"] == "person" else f"{section['unit']}s"
+    rows = [[_cell(x["experiment"], left=True), _cell(_f(x["macro_f1"]), f"cmp.exp.{i}.macro_f1"), *_interval(x["interval"], f"cmp.exp.{i}")]
+            + [_cell(_f(x["part_f1"][p]), f"cmp.exp.{i}.{p}") for p in ("mask", "gender", "age")]
+            for i, x in enumerate(section["experiments"])]
+    diffs = [[_cell(f"{d['experiment']} vs {d['against']}", left=True), _cell(f"{d['macro_f1']:+.4f}", f"cmp.diff.{i}.macro_f1"),
+              *_interval(d["interval"], f"cmp.diff.{i}"), _cell(d["verdict"], f"cmp.diff.{i}.verdict", left=True),
+              _cell("inside the seed noise" if d["within_seed_noise"] else "", left=True)] for i, d in enumerate(section["differences"])]
+    noise = "".join(f"<p>Seed noise: {_e(', '.join(g['experiments']))} differ only in the seed; their macro F1 spread is"
+                    f" {g['spread']:.4f}, and a difference inside it is never called better.</p>" for g in section["seed_noise"]["groups"])
+    return ("<h2>Comparison</h2>"
+            f"<p>Out-of-fold rows: {section['images']} images of {section['groups']} {_e(units)}; 95% intervals from"
+            f" {result['resamples']} bootstrap resamples over {_e(units)}, the same resample for every experiment"
+            " (as <code>maskdist compare</code>).</p>"
+            + table(["experiment", "macro F1", "95% low", "95% high", "mask F1", "gender F1", "age F1"], rows)
+            + table(["difference", "macro F1", "95% low", "95% high", "verdict", ""], diffs) + noise)
 
 
-def render(runs: Sequence[str | Path], allow_unfinished: bool = False, compare: Callable[[list], dict] | None = None) -> str:
+def _comparison(paths: list[Path]) -> str:
+    from maskdist.infer.compare import compare_experiments
+
+    try:
+        return compare_section(compare_experiments(paths))
+    except MaskdistError as err:  # the page still shows each experiment; it says why they are not compared
+        return f'<h2>Comparison</h2><p class="note">not compared: {_e(err)}</p>'
+
+
+def render(runs: Sequence[str | Path], allow_unfinished: bool = False) -> str:
     experiments = [gather(r, allow_unfinished) for r in runs]
-    top = compare_section(compare([x.path for x in experiments])) if compare is not None and len(experiments) > 1 else ""
+    top = _comparison([x.path for x in experiments]) if len(experiments) > 1 else ""
     sections = "".join(experiment_section(x, f"e{i}") for i, x in enumerate(experiments))
     title = "maskdist report: " + ", ".join(x.path.name for x in experiments)
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(title)}</title><style>{STYLE}</style></head><body>"
