@@ -57,6 +57,26 @@ def small_shards(small_synth, tmp_path_factory) -> Path:
     return out
 
 
+EXPERIMENT_FOLDS = 3
+EXPERIMENT_TRAIN = ["--model", "test_efficientnet", "--resize", "64", "--crop", "48", "--batch-size", "16", "--workers", "0",
+                    "--lr", "0.2", "--epochs", "1", "--max-steps", "3"]
+
+
+@pytest.fixture(scope="session")
+def trained_experiment(small_shards, tmp_path_factory) -> Path:
+    """A k-fold experiment of tiny models on ``small_shards`` (every fold, one seed). Tests that
+    use it share the xdist group ``predict-experiment`` (one worker trains it); copy it before
+    writing into it."""
+    out = tmp_path_factory.mktemp("exp") / "runs"
+    env = launch_env(out.parent)
+    for fold in range(EXPERIMENT_FOLDS):
+        cmd = [sys.executable, "-m", "maskdist", "train", "--shards", str(small_shards), "--fold", str(fold), "--out", str(out),
+               *EXPERIMENT_TRAIN]  # one seed for every fold: the experiment's plan holds it
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=out.parent)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
 def launch_env(tmp_path: Path) -> dict:
     """Environment for launched processes: CPU DDP, no stale accelerate config, no GPU."""
     env = dict(os.environ)

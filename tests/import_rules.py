@@ -36,6 +36,7 @@ ROOMS: list[tuple[str, tuple[str, ...], str]] = [
     ("model", ("maskdist.model",), "what learns: the timm factory, heads, losses, mixing, EMA"),
     ("train", ("maskdist.train",), "the Accelerate loop, the resumable state, preemption, k-fold"),
     ("infer", ("maskdist.infer",), "the fold ensemble, submission, pseudo-labels, scores"),
+    ("report", ("maskdist.report",), "one self-contained page of experiments: plan, curves, OOF figures, calibration, audit"),
     ("bench", ("maskdist.bench",), "every speed claim as a ratio measured in one run"),
     ("top", ("maskdist.cli", "maskdist.demo", "maskdist.__main__", "maskdist.stream", "maskdist.transforms"),
      "the click commands, the demo, and the two old names that warn and re-export"),

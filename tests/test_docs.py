@@ -15,7 +15,7 @@ from conftest import REPO
 
 DOCS = REPO / "docs"
 # The order in which the pages build on each other's outputs.
-ORDER = ["quickstart.md", "data.md", "shards.md", "training.md", "kfold.md", "pseudo-labelling.md", "export.md", "monitoring.md",
+ORDER = ["quickstart.md", "data.md", "shards.md", "training.md", "kfold.md", "report.md", "pseudo-labelling.md", "export.md", "monitoring.md",
          "performance.md", "troubleshooting.md", "design.md"]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 # What some commands must print: a command that ran but printed nonsense fails the test.
@@ -38,6 +38,7 @@ EXPECT = {
     "maskdist bench crop": "found bare",
     "maskdist bench compare": "no detectable difference",
     "maskdist export": "wrote",
+    "maskdist report": "wrote",
     "maskdist bench onnx": "ratio onnxruntime / PyTorch",
 }
 
@@ -74,7 +75,7 @@ def test_every_doc_page_is_listed_in_order_and_in_the_index():
 # shards the quickstart makes (the same commands, run again in its own folder).
 CHAINS = {
     "guide": ["quickstart.md", "data.md", "shards.md", "training.md", "monitoring.md", "troubleshooting.md", "design.md"],
-    "ensemble": ["kfold.md", "pseudo-labelling.md", "export.md", "performance.md"],
+    "ensemble": ["kfold.md", "report.md", "pseudo-labelling.md", "export.md", "performance.md"],
 }
 SETUP = {"guide": (), "ensemble": ("maskdist synth data/synth ", "maskdist shards build data/synth/train ")}
 

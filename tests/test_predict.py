@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import accelerate_cmd, launch_env, run_launch
+from conftest import EXPERIMENT_FOLDS, EXPERIMENT_TRAIN, accelerate_cmd, launch_env, run_launch
 
 from maskdist import metrics, streams
 from maskdist.data import transforms
@@ -24,21 +24,13 @@ from maskdist.train import checkpoint
 # Every test reads the module's trained experiment: one unit for the scheduler, handed out early.
 pytestmark = [pytest.mark.xdist_group("predict-experiment"), pytest.mark.duration(200)]
 
-FOLDS = 3
-TRAIN = ["--model", "test_efficientnet", "--resize", "64", "--crop", "48", "--batch-size", "16", "--workers", "0",
-         "--lr", "0.2", "--epochs", "1", "--max-steps", "3"]
+FOLDS = EXPERIMENT_FOLDS
+TRAIN = EXPERIMENT_TRAIN
 
 
 @pytest.fixture(scope="module")
-def experiment(small_shards, tmp_path_factory):
-    out = tmp_path_factory.mktemp("exp") / "runs"
-    env = launch_env(out.parent)
-    for fold in range(FOLDS):
-        cmd = [sys.executable, "-m", "maskdist", "train", "--shards", str(small_shards), "--fold", str(fold), "--out", str(out),
-               *TRAIN]  # one seed for every fold: the experiment's plan holds it
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=out.parent)
-        assert result.returncode == 0, result.stderr[-3000:]
-    return out
+def experiment(trained_experiment):
+    return trained_experiment
 
 
 def _predict(experiment, small_shards, tmp_path, processes, *extra):
