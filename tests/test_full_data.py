@@ -148,3 +148,27 @@ def test_predict_refuses_an_out_folder_a_live_run_holds(tmp_path):
         refused = _maskdist("predict", tmp_path / "runs", "--shards", "unused", "--out", held / "sub.csv", cwd=tmp_path)
     assert refused.returncode == 2 and f"{held} is in use by" in refused.stderr and "Traceback" not in refused.stderr
     assert not list(held.glob("sub*"))
+
+
+@pytest.mark.xdist_group("full-data")
+@pytest.mark.duration(40)
+def test_kfold_full_lets_the_full_data_model_vote_and_scores_it(experiment, full_model, small_shards, small_synth, tmp_path):
+    """kfold --full trains OUT/all (reused here) and it votes in kfold's own submission as one
+    more fold, scored alone where answers are given; export says it leaves it out."""
+    submission = tmp_path / "sub.csv"
+    ran = subprocess.run([sys.executable, "-m", "maskdist", "kfold", "--shards", str(small_shards), "--out", str(experiment), "--cpu",
+                          "--epochs", "3", *FAST, "--full", "--submission", str(submission), "--answers",
+                          str(small_synth / "eval_answers.csv")],
+                         env=launch_env(tmp_path), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
+    voted = np.load(tmp_path / "sub.probs.npz")
+    assert voted["folds"].tolist() == [0, 1, 2, FULL_DATA_FOLD]
+    np.testing.assert_allclose(voted["weights"], [0.25] * 4, atol=1e-6)  # one more fold
+    assert "does not vote" not in ran.stderr
+    assert "the full-data model as one more fold" in ran.stdout
+    alone = scoring.ensemble_and_folds(tmp_path / "sub.probs.npz", small_synth / "eval_answers.csv")["full_data"]
+    assert f"the full-data model alone: {alone:.4f}" in ran.stdout
+
+    exported = _maskdist("export", experiment, "--format", "timm", "--out", tmp_path / "timm", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert f"note: {experiment / 'all'} (the full-data model) is not exported: name it too" in exported.stderr

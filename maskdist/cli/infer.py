@@ -221,8 +221,10 @@ def export(runs, fmt, out, tta, weighting, decisions, allow_unfinished):
     """Fold models out of RUNS: timm's hub layout, or one ONNX graph of the ensemble.
 
     RUNS: experiment folders (all of their fold<K>) or fold run folders."""
-    from maskdist.infer import export as export_api
+    from maskdist.infer import export as export_api, members
 
+    for note in members.unnamed_full_data(runs, members.find_members(runs, allow_unfinished=True), "is not exported"):
+        click.echo(f"note: {note}", err=True)  # as predict says it: an experiment folder exports its folds only
     if fmt == "timm":
         for folder in export_api.export_timm(list(runs), out, allow_unfinished):
             click.echo(f"wrote {folder} (timm.create_model('local-dir:{folder}'))")
