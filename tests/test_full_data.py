@@ -57,10 +57,13 @@ def test_the_full_data_model_trains_on_every_fold_for_the_folds_epochs_and_resum
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert f"resuming at epoch {state['epoch']} step {state['step']}" in again.stdout
 
-    # its epochs are the median of the folds' best epochs (counted from 1), whatever --epochs said
-    best = [json.loads((experiment / f"fold{k}" / "model.json").read_text())["epoch"] + 1 for k in range(3)]
+    # its epochs are one past the median of the folds' best epochs, whatever --epochs said; the
+    # best epochs are counted from 0 as the fold lines and model.json count them
+    best = [json.loads((experiment / f"fold{k}" / "model.json").read_text())["epoch"] for k in range(3)]
     card = json.loads((experiment / "all" / "model.json").read_text())
-    assert card["epochs"] == math.ceil(statistics.median(best)) == card["epochs_from"]["epochs"]
+    assert card["epochs"] == math.ceil(statistics.median(best)) + 1 == card["epochs_from"]["epochs"]
+    assert card["epochs_from"]["best_epoch"] == {f"fold{k}": best[k] for k in range(3)}
+    assert f"({', '.join(f'fold{k} epoch {best[k]}' for k in range(3))})" in again.stdout
     assert card["validation"] is False and card["finished"] and card["fold"] == "all" and card["train_folds"] == [0, 1, 2]
     assert card["epoch"] == card["epochs"] - 1  # the last epoch's model, not a "best" one
     assert not (experiment / "all" / "oof.csv").exists()

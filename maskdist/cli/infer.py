@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from maskdist.cli.base import main
+from maskdist.errors import plural, rate
 
 # --- predict, score, oof, audit, pseudo-label (maskdist.infer) ---------------------------
 
@@ -70,8 +71,10 @@ def predict(runs, shards, eval_dir, info_csv, out, weighting, decisions, tta, ba
     if summary["processes"] == 1 or _is_main():
         for note in summary["notes"]:
             click.echo(f"note: {note}", err=True)
-        click.echo(f"{summary['images']} images x {summary['models']} models on {summary['processes']} process(es)"
-                   f" ({summary['precision']}): {summary['images_per_s']:.0f} img/s; decisions {summary['decisions']};"
+        precision = "full precision" if summary["precision"] == "no" else f"{summary['precision']} mixed precision"
+        click.echo(f"{plural(summary['images'], 'image')} x {plural(summary['models'], 'model')} on"
+                   f" {plural(summary['processes'], 'process', 'processes')} ({precision}, TTA {tta}, {weighting} weights):"
+                   f" {rate(summary['images'], summary['seconds'])}; decisions {summary['decisions']};"
                    f" wrote {summary['out']}, {summary['probs']} and {summary['record']}")
 
 

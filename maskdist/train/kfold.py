@@ -215,6 +215,9 @@ def describe_launches(plan: KFoldPlan, echo: Callable[[str], None] = print) -> l
     slots = device_slots(plan, dry_run=True)
     if not plan.cpu and not visible_gpus() and not plan.gpus:
         echo("note: no GPU is visible here; on this machine the launches would need --cpu")
+    if todo:
+        echo(f"note: each launch reads its fold's configuration from {Path(plan.out) / PLANS}/fold<K>.yaml, which kfold writes"
+             " as it starts that fold; a dry run writes nothing (train --print-config with these options shows one)")
     for i, fold in enumerate(todo):
         devices = slots[i % len(slots)]
         env = launch_env_changes(plan, devices)

@@ -36,7 +36,7 @@ from maskdist.train.checkpoint import TENSORBOARD, TRAINER_STATE
 from maskdist.train.epoch import train_epoch
 from maskdist.train.epoch_end import data_summary, finish_epoch
 from maskdist.train.folder import FoldFolder
-from maskdist.train.full import finish_full_epoch, resolve_epochs
+from maskdist.train.full import describe_source, finish_full_epoch, resolve_epochs
 from maskdist.train.meters import EpochTally
 from maskdist.train.preemption import Preempted, Preemption
 from maskdist.train.run import make_accelerator, open_batch_log, setup
@@ -106,8 +106,7 @@ def _train(cfg: config_mod.TrainConfig) -> dict:
     run_dir = cfg.run_dir()
     accelerator = make_accelerator(cfg, log_dir=run_dir)
     if epochs_source and accelerator.is_main_process:
-        accelerator.print(f"full-data model: {cfg.epochs} epochs, the median best epoch of {cfg.epochs_from}'s folds"
-                          f" ({', '.join(f'{k} {v}' for k, v in epochs_source['best_epochs'].items())})")
+        accelerator.print(describe_source(epochs_source))
     with FoldFolder(cfg, accelerator).held() as folder:
         start = folder.start()
         if start.message and accelerator.is_main_process:
@@ -115,6 +114,14 @@ def _train(cfg: config_mod.TrainConfig) -> dict:
         if start.nothing_to_do:
             return start.best or {}
         return _train_in(cfg, accelerator, start, epochs_source, tracker_names)
+
+
+def lr_text(cfg: config_mod.TrainConfig, world: int, base_lr: float) -> str:
+    """The lr a run trains with, and how it came from the plan's when scaled to the global batch."""
+    batch = cfg.batch_size * world * cfg.grad_accum
+    if batch == cfg.base_batch:
+        return f"{base_lr:.4g}"
+    return f"{base_lr:.4g} (--lr {cfg.lr:.4g} scaled to the global batch {batch} from --base-batch {cfg.base_batch})"
 
 
 def _resume_point(run, trainer: dict) -> tuple[int, int, EpochTally]:
@@ -161,7 +168,7 @@ def _train_in(cfg: config_mod.TrainConfig, accelerator, start, epochs_source: di
                                     monitor.hparams(cfg.to_dict()))
             accelerator.print(
                 f"fold {cfg.fold}: {world} process(es) on {accelerator.device}, {sum(run.counts)} training samples, "
-                f"{steps} steps/epoch of {cfg.batch_size}x{world}, lr {run.base_lr:.4g}, "
+                f"{steps} steps/epoch of {cfg.batch_size}x{world}, lr {lr_text(cfg, world, run.base_lr)}, "
                 + (f"resuming at epoch {start_epoch} step {start_step}, " if resumed is not None else "")
                 + f"epochs {start_epoch}..{cfg.epochs - 1}"
             )
