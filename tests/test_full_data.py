@@ -115,6 +115,7 @@ def test_predict_takes_the_full_data_model_alone_and_beside_the_folds(experiment
     common = ["--shards", small_shards, "--workers", "0", "--decisions", "argmax"]
     alone = _maskdist("predict", full_model, "--out", tmp_path / "alone.csv", *common, cwd=tmp_path)
     assert alone.returncode == 0, alone.stderr[-2000:]
+    assert " x 1 model on 1 process (full precision, TTA none, uniform weights): " in alone.stdout  # not "1 models ... (no)"
     solo = np.load(tmp_path / "alone.probs.npz")
     assert solo["folds"].tolist() == [FULL_DATA_FOLD]
     assert [m["fold"] for m in json.loads((tmp_path / "alone.predict.json").read_text())["members"]] == ["all"]
