@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 
 from maskdist import config as config_mod
-from maskdist.errors import MaskdistError
+from maskdist.errors import MaskdistError, plural
 from maskdist.train import checkpoint, monitor
 from maskdist.train.epoch_end import epoch_figures, save_model
 from maskdist.train.meters import EpochTally
@@ -46,8 +46,10 @@ def epochs_from(experiment: str | Path) -> tuple[int, dict]:
 def describe_source(source: dict) -> str:
     """The line saying where the full-data model's epoch count came from."""
     folds = ", ".join(f"{name} epoch {epoch}" for name, epoch in source["best_epoch"].items())
-    return (f"full-data model: {source['epochs']} epochs (0..{source['epochs'] - 1}), one past the median best epoch"
-            f" {source['median_best_epoch']:g} of {source['experiment']}'s folds ({folds})")
+    median = source["median_best_epoch"]
+    rounded = f"{median:g}" if median == int(median) else f"{median:g}, rounded up to {math.ceil(median)}"
+    return (f"full-data model: {plural(source['epochs'], 'epoch')} (0..{source['epochs'] - 1}), one past the median best epoch"
+            f" ({rounded}) of {source['experiment']}'s folds ({folds})")
 
 
 def resolve_epochs(cfg: config_mod.TrainConfig) -> tuple[config_mod.TrainConfig, dict | None]:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from maskdist import config as config_mod
-from maskdist.errors import MaskdistError
+from maskdist.errors import MaskdistError, plural
 from maskdist.system import distributed, parallel
 from maskdist.system.fileio import disk_full, is_disk_full
 from maskdist.train import checkpoint, monitor, trackers
@@ -237,7 +237,7 @@ def _train_in(cfg: config_mod.TrainConfig, accelerator, start, epochs_source: di
         trackers.log(others, final, cfg.epochs * steps)
         run.writer.add_hparams(monitor.hparams(cfg.to_dict()), final, run_name=".")
         if cfg.full_data:
-            accelerator.print(f"full-data model: {cfg.epochs} epochs on every fold, {best['weights']} weights of the last;"
+            accelerator.print(f"full-data model: {plural(cfg.epochs, 'epoch')} on every fold, {best['weights']} weights of the last;"
                               f" run folder {run_dir}")
         else:
             accelerator.print(f"fold {cfg.fold}: best macro F1 {best['macro_f1']:.4f} at epoch {best['epoch']}; run folder {run_dir}")
