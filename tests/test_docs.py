@@ -181,3 +181,39 @@ def test_no_page_holds_a_placeholder():
     for page in [*DOCS.glob("*.md"), REPO / "README.md", REPO / "shards" / "README.md"]:
         for number, line in enumerate(page.read_text().splitlines(), 1):
             assert not re.fullmatch(r"[A-Z][A-Z_]{5,}", line.strip()), f"{page.name}:{number}: {line}"
+
+
+DEMO_FIGURES = [  # how the pages describe a demo run: (pattern, the names of its numbers)
+    (re.compile(r"(\d+) folds x (\d+) epochs of (\d+) steps, (\d+) process(?:es)? per fold"), ("folds", "epochs", "steps", "processes")),
+    (re.compile(r"(\d+) epochs of (\d+) steps, (\d+) CPU process(?:es)? per fold"), ("epochs", "steps", "processes")),
+    (re.compile(r"(\d+) training people \(([\d,]+) images\) and (\d+) eval people \(([\d,]+) images\)"),
+     ("people", "images", "eval_people", "eval_images")),
+]
+
+
+def test_the_demo_figures_the_docs_give_are_the_demos():
+    """A page that says what the demo runs (folds, epochs, steps per epoch, processes per fold
+    on two cores, people and images) says what today's demo prints, computed from its own
+    defaults: a change of the demo that leaves these figures behind fails here. Figures of an
+    earlier demo must say so ("when it ran ..."), which these patterns do not match."""
+    import math
+
+    from maskdist import config as config_mod, demo
+    from maskdist.data.synth import IMAGES_PER_PERSON
+
+    options, preset = demo.DemoOptions(), config_mod.load(demo.DemoOptions().config, validate=False)
+    processes = demo.demo_processes(cores=2)[0]
+    images = options.people * IMAGES_PER_PERSON
+    expected = {"folds": options.folds, "epochs": preset.epochs, "processes": processes, "people": options.people,
+                "images": images, "eval_people": options.eval_people, "eval_images": options.eval_people * IMAGES_PER_PERSON,
+                # each fold trains on the other folds' people, in batches of batch_size on every process
+                "steps": math.ceil(images * (options.folds - 1) / options.folds / (preset.batch_size * processes))}
+    found = 0
+    for page in [*DOCS.glob("*.md"), REPO / "README.md"]:
+        text = " ".join(page.read_text().split())  # as one line: figures wrap anywhere
+        for pattern, names in DEMO_FIGURES:
+            for match in pattern.finditer(text):
+                said = dict(zip(names, (int(g.replace(",", "")) for g in match.groups())))
+                assert said == {k: expected[k] for k in names}, f"{page.name}: {match.group(0)!r}, the demo runs {expected}"
+                found += 1
+    assert found >= 3  # the quickstart, monitoring and performance pages describe it

@@ -82,6 +82,8 @@ def test_parallel_folds_get_gpus_of_their_own(small_shards, tmp_path, monkeypatc
         result = runner.invoke(main, ["kfold", "--shards", str(small_shards), "--out", str(tmp_path / "r"), "--dry-run",
                                       *extra, *FAST])
         assert result.exit_code == 0, result.output
+        # the launches name plan files that only a real run writes, and the output says so
+        assert f"reads its fold's configuration from {tmp_path / 'r' / 'plans'}/fold<K>.yaml, which kfold writes" in result.output
         lines = [line for line in result.output.splitlines() if line.startswith("fold ")]
         return {int(line.split(":")[0][5:]): line for line in lines}
 

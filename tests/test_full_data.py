@@ -57,10 +57,13 @@ def test_the_full_data_model_trains_on_every_fold_for_the_folds_epochs_and_resum
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert f"resuming at epoch {state['epoch']} step {state['step']}" in again.stdout
 
-    # its epochs are the median of the folds' best epochs (counted from 1), whatever --epochs said
-    best = [json.loads((experiment / f"fold{k}" / "model.json").read_text())["epoch"] + 1 for k in range(3)]
+    # its epochs are one past the median of the folds' best epochs, whatever --epochs said; the
+    # best epochs are counted from 0 as the fold lines and model.json count them
+    best = [json.loads((experiment / f"fold{k}" / "model.json").read_text())["epoch"] for k in range(3)]
     card = json.loads((experiment / "all" / "model.json").read_text())
-    assert card["epochs"] == math.ceil(statistics.median(best)) == card["epochs_from"]["epochs"]
+    assert card["epochs"] == math.ceil(statistics.median(best)) + 1 == card["epochs_from"]["epochs"]
+    assert card["epochs_from"]["best_epoch"] == {f"fold{k}": best[k] for k in range(3)}
+    assert f"({', '.join(f'fold{k} epoch {best[k]}' for k in range(3))})" in again.stdout
     assert card["validation"] is False and card["finished"] and card["fold"] == "all" and card["train_folds"] == [0, 1, 2]
     assert card["epoch"] == card["epochs"] - 1  # the last epoch's model, not a "best" one
     assert not (experiment / "all" / "oof.csv").exists()
@@ -112,6 +115,7 @@ def test_predict_takes_the_full_data_model_alone_and_beside_the_folds(experiment
     common = ["--shards", small_shards, "--workers", "0", "--decisions", "argmax"]
     alone = _maskdist("predict", full_model, "--out", tmp_path / "alone.csv", *common, cwd=tmp_path)
     assert alone.returncode == 0, alone.stderr[-2000:]
+    assert " x 1 model on 1 process (full precision, TTA none, uniform weights): " in alone.stdout  # not "1 models ... (no)"
     solo = np.load(tmp_path / "alone.probs.npz")
     assert solo["folds"].tolist() == [FULL_DATA_FOLD]
     assert [m["fold"] for m in json.loads((tmp_path / "alone.predict.json").read_text())["members"]] == ["all"]
@@ -148,3 +152,27 @@ def test_predict_refuses_an_out_folder_a_live_run_holds(tmp_path):
         refused = _maskdist("predict", tmp_path / "runs", "--shards", "unused", "--out", held / "sub.csv", cwd=tmp_path)
     assert refused.returncode == 2 and f"{held} is in use by" in refused.stderr and "Traceback" not in refused.stderr
     assert not list(held.glob("sub*"))
+
+
+@pytest.mark.xdist_group("full-data")
+@pytest.mark.duration(40)
+def test_kfold_full_lets_the_full_data_model_vote_and_scores_it(experiment, full_model, small_shards, small_synth, tmp_path):
+    """kfold --full trains OUT/all (reused here) and it votes in kfold's own submission as one
+    more fold, scored alone where answers are given; export says it leaves it out."""
+    submission = tmp_path / "sub.csv"
+    ran = subprocess.run([sys.executable, "-m", "maskdist", "kfold", "--shards", str(small_shards), "--out", str(experiment), "--cpu",
+                          "--epochs", "3", *FAST, "--full", "--submission", str(submission), "--answers",
+                          str(small_synth / "eval_answers.csv")],
+                         env=launch_env(tmp_path), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
+    voted = np.load(tmp_path / "sub.probs.npz")
+    assert voted["folds"].tolist() == [0, 1, 2, FULL_DATA_FOLD]
+    np.testing.assert_allclose(voted["weights"], [0.25] * 4, atol=1e-6)  # one more fold
+    assert "does not vote" not in ran.stderr
+    assert "the full-data model as one more fold" in ran.stdout
+    alone = scoring.ensemble_and_folds(tmp_path / "sub.probs.npz", small_synth / "eval_answers.csv")["full_data"]
+    assert f"the full-data model alone: {alone:.4f}" in ran.stdout
+
+    exported = _maskdist("export", experiment, "--format", "timm", "--out", tmp_path / "timm", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert f"note: {experiment / 'all'} (the full-data model) is not exported: name it too" in exported.stderr

@@ -82,6 +82,12 @@ def test_two_process_ddp_trains_and_validates_each_sample_once(ddp_run, small_sh
 
 
 @pytest.mark.xdist_group("train-ddp-run")
+def test_the_start_line_says_how_the_lr_was_scaled(ddp_run):
+    _, result = ddp_run  # --lr 0.2 at the default --base-batch 256; 2 processes x 16
+    assert "lr 0.025 (--lr 0.2 scaled to the global batch 32 from --base-batch 256)" in result.stdout
+
+
+@pytest.mark.xdist_group("train-ddp-run")
 def test_tensorboard_events_hold_the_promised_tags(ddp_run):
     run_dir, _ = ddp_run
     scalars, images = set(), set()
@@ -141,6 +147,14 @@ def test_killed_run_resumes_to_the_same_epoch_count(small_shards, tmp_path):
     proc.wait()
     first = json.loads(trainer.read_text())
     assert first["epoch"] < 2, "the kill came too late to test resuming"
+    # a resume with other settings is refused in words that say where the fold stands, then what would change
+    changed = subprocess.run([sys.executable, "-m", "maskdist", *_train_args(small_shards, out, 0, 3, "--max-steps", "4", "--resume",
+                                                                            "--lr", "0.1")],
+                             env=launch_env(tmp_path), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    stopped = f"after epoch {first['epoch']}" if first["epoch_done"] else f"at epoch {first['epoch']} step {first['step']}"
+    assert changed.returncode == 2, changed.stderr[-2000:]
+    assert (f"fold 0 in {out / 'fold0'} (interrupted {stopped} of 3 epochs) was started with other settings, and --resume would"
+            " change them: --lr 0.2 -> 0.1") in changed.stderr
     again = run_launch(accelerate_cmd(1, *_train_args(small_shards, out, 0, 3, "--max-steps", "4", "--resume")), tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"epochs {first['epoch'] + 1}..2" in again.stdout

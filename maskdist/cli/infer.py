@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from maskdist.cli.base import main
+from maskdist.errors import plural, rate
 
 # --- predict, score, oof, audit, pseudo-label (maskdist.infer) ---------------------------
 
@@ -70,8 +71,10 @@ def predict(runs, shards, eval_dir, info_csv, out, weighting, decisions, tta, ba
     if summary["processes"] == 1 or _is_main():
         for note in summary["notes"]:
             click.echo(f"note: {note}", err=True)
-        click.echo(f"{summary['images']} images x {summary['models']} models on {summary['processes']} process(es)"
-                   f" ({summary['precision']}): {summary['images_per_s']:.0f} img/s; decisions {summary['decisions']};"
+        precision = "full precision" if summary["precision"] == "no" else f"{summary['precision']} mixed precision"
+        click.echo(f"{plural(summary['images'], 'image')} x {plural(summary['models'], 'model')} on"
+                   f" {plural(summary['processes'], 'process', 'processes')} ({precision}, TTA {tta}, {weighting} weights):"
+                   f" {rate(summary['images'], summary['seconds'])}; decisions {summary['decisions']};"
                    f" wrote {summary['out']}, {summary['probs']} and {summary['record']}")
 
 
@@ -250,8 +253,10 @@ def export(runs, fmt, out, tta, weighting, decisions, allow_unfinished):
     """Fold models out of RUNS: timm's hub layout, or one ONNX graph of the ensemble.
 
     RUNS: experiment folders (all of their fold<K>) or fold run folders."""
-    from maskdist.infer import export as export_api
+    from maskdist.infer import export as export_api, members
 
+    for note in members.unnamed_full_data(runs, members.find_members(runs, allow_unfinished=True), "is not exported"):
+        click.echo(f"note: {note}", err=True)  # as predict says it: an experiment folder exports its folds only
     if fmt == "timm":
         for folder in export_api.export_timm(list(runs), out, allow_unfinished):
             click.echo(f"wrote {folder} (timm.create_model('local-dir:{folder}'))")

@@ -142,7 +142,8 @@ def kfold(ctx, shards, out, config_file, processes, cpu, parallel_folds, gpus, f
 
         versus = scoring.ensemble_and_folds(probs_path(written), answers)
         click.echo(f"ensemble macro F1 on {answers}: {versus['ensemble']:.4f} "
-                   f"(single fold models: mean {versus['fold_mean']:.4f})")
+                   f"(single fold models: mean {versus['fold_mean']:.4f}"
+                   + (f"; the full-data model alone: {versus['full_data']:.4f}" if "full_data" in versus else "") + ")")
     click.echo(f"submission: {written}")
 
 

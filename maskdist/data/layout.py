@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from maskdist.data import labels
-from maskdist.errors import MaskdistError
+from maskdist.errors import MaskdistError, plural
 from maskdist.shards.format import COMPETITION, EXTRA, UNKNOWN_AGE
 
 TRAIN_COLUMNS = ("id", "gender", "race", "age", "path")
@@ -63,6 +63,7 @@ class LayoutReport:
     root: str
     people: int = 0
     images: int = 0
+    kind: str = "train"  # "eval": a folder of photos without people
     problems: list[Problem] = field(default_factory=list)
 
     def add(self, kind: str, where: str, why: str) -> None:
@@ -86,7 +87,8 @@ class LayoutReport:
     def describe(self, limit: int = 10, everything: str = "`maskdist layout --json FILE`") -> str:
         """A summary line, then up to ``limit`` entries of each kind of problem (``everything``:
         where the whole list is)."""
-        lines = [f"read {self.root}: {self.people} people, {self.images} images"]
+        people = f"{plural(self.people, 'person', 'people')}, " if self.kind != "eval" else ""
+        lines = [f"read {self.root}: {people}{plural(self.images, 'image')}" + (" (eval photos)" if self.kind == "eval" else "")]
         for kind, group in sorted(self.by_kind().items()):
             lines.append(f"  {kind}: {len(group)}")
             lines.extend(f"    {p.where}: {p.why}" for p in group[:limit])
@@ -126,7 +128,7 @@ def _open_folder(root: Path, kind: str, csv_name: str, columns) -> tuple[pd.Data
     csv = read_csv(root / csv_name, columns, f"the {kind} folder")
     images = root / "images"
     _require_dir(images, f"the {kind} folder {root} must hold an images/ folder")
-    return csv, images, LayoutReport(root=str(root))
+    return csv, images, LayoutReport(root=str(root), kind=kind)
 
 
 def _is_hidden(name: str) -> bool:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from maskdist.data import labels
-from maskdist.errors import MaskdistError
+from maskdist.errors import MaskdistError, rate
 from maskdist.infer.decisions import decide
 from maskdist.infer.ensemble import folder_loader, mix, pin_memory, vote
 from maskdist.infer.predict import prepare
@@ -48,7 +48,7 @@ class Classified:
     def describe(self, out: Path | None) -> str:
         lines = [f"note: {n}" for n in self.notes]
         lines += [f"{len(self.rows)} of {self.images} photo(s) classified by {self.models} model(s) on {self.device}"
-                  f" ({self.images_per_s:.0f} img/s; decisions {self.decisions})" + (f": {out}" if out else "")]
+                  f" ({rate(self.images, self.seconds)}; decisions {self.decisions})" + (f": {out}" if out else "")]
         lines += [f"unreadable, skipped: {path} ({why})" for path, why in self.unreadable]
         if self.unreadable:
             lines.append(f"{len(self.unreadable)} unreadable file(s) skipped")

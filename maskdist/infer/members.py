@@ -124,14 +124,15 @@ def find_members(sources: Sequence[str | os.PathLike], allow_unfinished: bool = 
     return runs
 
 
-def unnamed_full_data(sources: Sequence[str | os.PathLike], runs: Sequence[FoldRun]) -> list[str]:
-    """Notes on experiments given whose full-data model exists but was not named (so does not vote)."""
+def unnamed_full_data(sources: Sequence[str | os.PathLike], runs: Sequence[FoldRun], left_out: str = "does not vote") -> list[str]:
+    """Notes on experiments given whose full-data model exists but was not named (so is
+    ``left_out``: does not vote, is not exported)."""
     named = {r.run_dir.resolve() for r in runs if r.full_data}
     notes = []
     for source in map(Path, sources):
         full = source / FULL_DATA
         if not (source / checkpoint.MODEL_JSON).exists() and (full / checkpoint.WEIGHTS).is_file() and full.resolve() not in named:
-            notes.append(f"{full} (the full-data model) does not vote: name it too to add it ({source} {full})")
+            notes.append(f"{full} (the full-data model) {left_out}: name it too to add it ({source} {full})")
     return notes
 
 

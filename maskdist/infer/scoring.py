@@ -50,12 +50,13 @@ def oof_scores(experiment, allow_unfinished: bool = False) -> dict:
 
 
 def describe_scores(scores: metrics.Scores, title: str = "") -> str:
+    width = max(len(labels.class_name(c)) for c in range(labels.NUM_CLASSES))  # the age cut names the classes
     lines = [f"{title}macro F1 {scores.macro_f1:.4f}  accuracy {scores.accuracy:.4f}  ({scores.samples} images)",
              "part F1: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.part_f1.items()),
-             "class                      F1    true  predicted"]
+             f"{'class':<{width + 3}} {'F1':>5} {'true':>6} {'predicted':>9}"]
     matrix = np.asarray(scores.confusion)
     for c in range(labels.NUM_CLASSES):
-        lines.append(f"{c:>2} {labels.class_name(c):<22} {scores.per_class_f1[c]:.3f} {matrix[c].sum():>6d} {matrix[:, c].sum():>9d}")
+        lines.append(f"{c:>2} {labels.class_name(c):<{width}} {scores.per_class_f1[c]:.3f} {matrix[c].sum():>6d} {matrix[:, c].sum():>9d}")
     lines.append("confusion (rows true, columns predicted):")
     lines.extend(" ".join(f"{v:>4d}" for v in row) for row in matrix)
     return "\n".join(lines)

@@ -120,7 +120,8 @@ class FoldFolder:
         if status.state == "interrupted" and cfg.resume and not cfg.overwrite:
             changed = config_mod.differences(read_config(run_dir / CONFIG), cfg)
             if changed:
-                raise MaskdistError(f"--resume would change what {where} trains: {'; '.join(changed)}; resume with the"
+                raise MaskdistError(f"fold {cfg.fold} in {run_dir} ({status.describe()}) was started with other settings, and"
+                                    f" --resume would change them: {'; '.join(changed)}; resume with the"
                                     " settings it started with (config.yaml), or pass --overwrite to start it again")
         self._check_plan()
         if status.state != "new" and cfg.overwrite:

@@ -5,7 +5,8 @@ Without validation there is no best epoch to keep: the model of the last finishe
 (the EMA's when there is one) is ``best.safetensors``, saved at every epoch's end with its
 card (``"validation": false``, where its epoch count came from), and no OOF file is written.
 ``--epochs-from RUNS`` takes the epoch count from a finished k-fold experiment: the median of
-its folds' best epochs (as their ``model.json`` files record), counted from 1.
+its folds' best epochs (as their ``model.json`` files record), plus one: epochs are numbered
+from 0 everywhere (the epoch lines, ``model.json``, TensorBoard), so best epoch 4 is 5 epochs.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import statistics
 from pathlib import Path
 
 from maskdist import config as config_mod
-from maskdist.errors import MaskdistError
+from maskdist.errors import MaskdistError, plural
 from maskdist.train import checkpoint, monitor
 from maskdist.train.epoch_end import epoch_figures, save_model
 from maskdist.train.meters import EpochTally
@@ -27,7 +28,7 @@ from maskdist.train.validation import sync_buffers
 def epochs_from(experiment: str | Path) -> tuple[int, dict]:
     """(epochs, where they came from): the median best epoch of the experiment's finished
     folds, as an epoch count (best epoch 4, the fifth, is 5 epochs; a median between two
-    counts rounds up)."""
+    epochs rounds up)."""
     experiment = Path(experiment)
     runs = sorted(p for p in experiment.glob("fold*") if p.name[4:].isdigit())
     finished = [run for run in runs if fold_finished(run)]
@@ -35,10 +36,20 @@ def epochs_from(experiment: str | Path) -> tuple[int, dict]:
     if not finished or left:
         raise MaskdistError(f"--epochs-from {experiment}: {'fold(s) ' + ', '.join(left) + ' are not finished' if left else 'no finished fold'}"
                             " there: train every fold first (maskdist kfold), or give --epochs")
-    best = {run.name: int(json.loads((run / checkpoint.MODEL_JSON).read_text())["epoch"]) + 1 for run in finished}
-    epochs = math.ceil(statistics.median(best.values()))
-    return epochs, {"experiment": str(experiment), "best_epochs": best, "median": statistics.median(best.values()),
-                    "epochs": epochs}
+    best = {run.name: int(json.loads((run / checkpoint.MODEL_JSON).read_text())["epoch"]) for run in finished}
+    median = statistics.median(best.values())
+    epochs = math.ceil(median) + 1
+    # "best_epoch" as model.json counts (from 0); cards written before this held "best_epochs", counted from 1
+    return epochs, {"experiment": str(experiment), "best_epoch": best, "median_best_epoch": median, "epochs": epochs}
+
+
+def describe_source(source: dict) -> str:
+    """The line saying where the full-data model's epoch count came from."""
+    folds = ", ".join(f"{name} epoch {epoch}" for name, epoch in source["best_epoch"].items())
+    median = source["median_best_epoch"]
+    rounded = f"{median:g}" if median == int(median) else f"{median:g}, rounded up to {math.ceil(median)}"
+    return (f"full-data model: {plural(source['epochs'], 'epoch')} (0..{source['epochs'] - 1}), one past the median best epoch"
+            f" ({rounded}) of {source['experiment']}'s folds ({folds})")
 
 
 def resolve_epochs(cfg: config_mod.TrainConfig) -> tuple[config_mod.TrainConfig, dict | None]:

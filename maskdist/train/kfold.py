@@ -215,6 +215,9 @@ def describe_launches(plan: KFoldPlan, echo: Callable[[str], None] = print) -> l
     slots = device_slots(plan, dry_run=True)
     if not plan.cpu and not visible_gpus() and not plan.gpus:
         echo("note: no GPU is visible here; on this machine the launches would need --cpu")
+    if todo:
+        echo(f"note: each launch reads its fold's configuration from {Path(plan.out) / PLANS}/fold<K>.yaml, which kfold writes"
+             " as it starts that fold; a dry run writes nothing (train --print-config with these options shows one)")
     for i, fold in enumerate(todo):
         devices = slots[i % len(slots)]
         env = launch_env_changes(plan, devices)
@@ -299,11 +302,15 @@ def _train_then_predict(plan: KFoldPlan, echo: Callable[[str], None], lock: Fold
     if plan.full:
         train_full(plan, echo, lock)
     submission = plan.submission or Path(plan.out) / "submission.csv"
-    args = ["predict", str(plan.out), "--shards", plan.shards, "--out", str(submission), "--tta", plan.tta, "--weights", plan.weighting]
+    # The full-data model votes in its own kfold's submission, as one more fold (predict's
+    # default weight): training it and then leaving it out would waste it without a word.
+    sources = [str(plan.out)] + ([str(Path(plan.out) / config_mod.FULL_DATA)] if plan.full else [])
+    args = ["predict", *sources, "--shards", plan.shards, "--out", str(submission), "--tta", plan.tta, "--weights", plan.weighting]
     if plan.train is not None:  # predict as the folds trained: their precision, batch size and workers
         args += ["--timeout-s", str(plan.train.timeout_s), "--precision", plan.train.precision,
                  "--batch-size", str(plan.train.batch_size), "--workers", str(plan.train.workers)]
-    echo(f"predicting with the ensemble on {plan.processes} process(es)")
+    voters = " (the folds, and the full-data model as one more fold)" if plan.full else ""
+    echo(f"predicting with the ensemble{voters} on {plan.processes} process(es)")
     result = subprocess.run(launch_command(plan, plan.processes, args),
                             env=child_env(launch_env(plan, device_slots(plan)[0]), lock), preexec_fn=parallel.die_with_parent())
     if result.returncode != 0:

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from maskdist import config as config_mod
-from maskdist.errors import MaskdistError
+from maskdist.errors import MaskdistError, plural
 from maskdist.system import distributed, parallel
 from maskdist.system.fileio import disk_full, is_disk_full
 from maskdist.system.worker_death import WorkerDied
@@ -39,7 +39,7 @@ from maskdist.train.checkpoint import TENSORBOARD, TRAINER_STATE
 from maskdist.train.epoch import train_epoch
 from maskdist.train.epoch_end import data_summary, finish_epoch
 from maskdist.train.folder import FoldFolder
-from maskdist.train.full import finish_full_epoch, resolve_epochs
+from maskdist.train.full import describe_source, finish_full_epoch, resolve_epochs
 from maskdist.train.meters import EpochTally
 from maskdist.train.preemption import Preempted, Preemption
 from maskdist.train.resume import stop_after_failure
@@ -110,8 +110,7 @@ def _train(cfg: config_mod.TrainConfig) -> dict:
     run_dir = cfg.run_dir()
     accelerator = make_accelerator(cfg, log_dir=run_dir)
     if epochs_source and accelerator.is_main_process:
-        accelerator.print(f"full-data model: {cfg.epochs} epochs, the median best epoch of {cfg.epochs_from}'s folds"
-                          f" ({', '.join(f'{k} {v}' for k, v in epochs_source['best_epochs'].items())})")
+        accelerator.print(describe_source(epochs_source))
     with FoldFolder(cfg, accelerator).held() as folder:
         start = folder.start()
         if start.message and accelerator.is_main_process:
@@ -119,6 +118,14 @@ def _train(cfg: config_mod.TrainConfig) -> dict:
         if start.nothing_to_do:
             return start.best or {}
         return _train_in(cfg, accelerator, start, epochs_source, tracker_names)
+
+
+def lr_text(cfg: config_mod.TrainConfig, world: int, base_lr: float) -> str:
+    """The lr a run trains with, and how it came from the plan's when scaled to the global batch."""
+    batch = cfg.batch_size * world * cfg.grad_accum
+    if batch == cfg.base_batch:
+        return f"{base_lr:.4g}"
+    return f"{base_lr:.4g} (--lr {cfg.lr:.4g} scaled to the global batch {batch} from --base-batch {cfg.base_batch})"
 
 
 def _resume_point(run, trainer: dict) -> tuple[int, int, EpochTally]:
@@ -165,7 +172,7 @@ def _train_in(cfg: config_mod.TrainConfig, accelerator, start, epochs_source: di
                                     monitor.hparams(cfg.to_dict()))
             accelerator.print(
                 f"fold {cfg.fold}: {world} process(es) on {accelerator.device}, {sum(run.counts)} training samples, "
-                f"{steps} steps/epoch of {cfg.batch_size}x{world}, lr {run.base_lr:.4g}, "
+                f"{steps} steps/epoch of {cfg.batch_size}x{world}, lr {lr_text(cfg, world, run.base_lr)}, "
                 + (f"resuming at epoch {start_epoch} step {start_step}, " if resumed is not None else "")
                 + f"epochs {start_epoch}..{cfg.epochs - 1}"
             )
@@ -242,7 +249,7 @@ def _train_in(cfg: config_mod.TrainConfig, accelerator, start, epochs_source: di
         trackers.log(others, final, cfg.epochs * steps)
         run.writer.add_hparams(monitor.hparams(cfg.to_dict()), final, run_name=".")
         if cfg.full_data:
-            accelerator.print(f"full-data model: {cfg.epochs} epochs on every fold, {best['weights']} weights of the last;"
+            accelerator.print(f"full-data model: {plural(cfg.epochs, 'epoch')} on every fold, {best['weights']} weights of the last;"
                               f" run folder {run_dir}")
         else:
             accelerator.print(f"fold {cfg.fold}: best macro F1 {best['macro_f1']:.4f} at epoch {best['epoch']}; run folder {run_dir}")

@@ -29,6 +29,9 @@ from maskdist.train.schedule import WarmRestarts, scaled_lr
 from maskdist.train.step import make_optimizer
 
 BATCH_LOG = "batches"  # OUT/fold<K>/batches/rank<R>.txt with --log-batches
+# Set to 1 by a driver that chose random weights itself and said so once (the offline demo):
+# the folds then do not each warn about them.
+RANDOM_INIT_CHOSEN = "MASKDIST_RANDOM_INIT_CHOSEN"
 
 
 @dataclass
@@ -117,8 +120,9 @@ def setup(cfg: config_mod.TrainConfig, log_dir: Path | None = None, accelerator:
 
     set_seed(cfg.seed)  # same init on every rank; the streams seed per rank and worker themselves
     weights = pretrained_weights(cfg, accelerator)
+    warn_random = accelerator.is_main_process and os.environ.get(RANDOM_INIT_CHOSEN) != "1"
     model = create_model(cfg.model, drop_rate=cfg.drop_rate, pretrained_file=weights.path,
-                         warn_random=accelerator.is_main_process, drop_path_rate=cfg.drop_path, heads=cfg.heads)
+                         warn_random=warn_random, drop_path_rate=cfg.drop_path, heads=cfg.heads)
     mean, std = normalisation(model)
     cuda = accelerator.device.type == "cuda"
     channels_last = cuda  # cuda: NHWC batches and weights (cuDNN's fast layout); pinned loader memory

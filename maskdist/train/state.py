@@ -15,7 +15,7 @@ import yaml
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
-from maskdist.errors import MaskdistError
+from maskdist.errors import MaskdistError, plural
 from maskdist.model.ema import Ema
 from maskdist.system import distributed, fileio
 from maskdist.system.fileio import DiskFull, aside, atomic_write_json, dir_exists, disk_full, free_bytes, is_disk_full, recover_dir, rotate_dir
@@ -69,10 +69,10 @@ class FoldStatus:
 
     def describe(self) -> str:
         if self.state == "finished":
-            return "finished" + (f" ({self.epochs} epochs)" if self.epochs else "")
+            return "finished" + (f" ({plural(self.epochs, 'epoch')})" if self.epochs else "")
         if self.state == "interrupted":
             where = f"after epoch {self.epoch}" if self.epoch_done else f"at epoch {self.epoch} step {self.step}"
-            return f"interrupted {where} of {self.epochs} epochs"
+            return f"interrupted {where} of {plural(self.epochs, 'epoch')}"
         return "not trained"
 
 
