@@ -13,6 +13,8 @@ PRECISION_HELP = "Mixed precision; auto: the one the folds were trained with (th
 DECISIONS_HELP = ("tuned: the decisions `maskdist oof RUNS --tune` wrote into the experiment, when it has them (else the"
                   " argmax); argmax: the most probable class; or a decisions file.")
 UNFINISHED_HELP = "Let folds that did not finish their schedule vote (the outputs record them)."
+NONFINITE_HELP = ("Go on when a model gives non-finite output (NaN or inf): the images it could not compute are voted by the"
+                  " other models, or kept without an answer, and marked in the outputs (default: stop, nothing written).")
 
 
 def _vote_options(command):
@@ -50,8 +52,9 @@ def _is_main() -> bool:
 @click.option("--allow-unfinished", is_flag=True, help=UNFINISHED_HELP)
 @click.option("--full-weight", type=float, default=None,
               help="The full-data model's share of its experiment's vote, 0..1 (default: as one fold's).")
+@click.option("--allow-nonfinite", is_flag=True, help=NONFINITE_HELP)
 def predict(runs, shards, eval_dir, info_csv, out, weighting, decisions, tta, batch_size, workers, precision, timeout_s,
-            allow_unfinished, full_weight):
+            allow_unfinished, full_weight, allow_nonfinite):
     """The ensemble votes on the eval set and writes the submission.
 
     RUNS: experiment folders (all of their fold<K>; several experiments vote together) or
@@ -66,10 +69,13 @@ def predict(runs, shards, eval_dir, info_csv, out, weighting, decisions, tta, ba
 
     summary = predict_api.predict(runs, out, shards=shards, eval_dir=eval_dir, info_csv=info_csv, weighting=weighting,
                                   tta=tta, batch_size=batch_size, workers=workers, precision=precision, timeout_s=timeout_s,
-                                  decisions=decisions, allow_unfinished=allow_unfinished, full_weight=full_weight)
+                                  decisions=decisions, allow_unfinished=allow_unfinished, full_weight=full_weight,
+                                  allow_nonfinite=allow_nonfinite)
     if summary["processes"] == 1 or _is_main():
         for note in summary["notes"]:
             click.echo(f"note: {note}", err=True)
+        for line in summary["nonfinite_lines"]:
+            click.echo(line, err=True)
         click.echo(f"{summary['images']} images x {summary['models']} models on {summary['processes']} process(es)"
                    f" ({summary['precision']}): {summary['images_per_s']:.0f} img/s; decisions {summary['decisions']};"
                    f" wrote {summary['out']}, {summary['probs']} and {summary['record']}")
@@ -169,8 +175,9 @@ def audit(experiments, out, shards, people, min_evidence, truth, allow_unfinishe
 @click.option("--part-confidence", default=None,
               help="Per-part thresholds on the chosen part's probability, e.g. mask=0.5,gender=0.9,age=0.8.")
 @click.option("--allow-unfinished", is_flag=True, help=UNFINISHED_HELP)
+@click.option("--allow-nonfinite", is_flag=True, help=NONFINITE_HELP)
 def pseudo_label(runs, images_dir, out, min_confidence, age_from_filename, decisions, batch_size, workers, precision, timeout_s,
-                 part_confidence, allow_unfinished):
+                 part_confidence, allow_unfinished, allow_nonfinite):
     """Label outside images with the ensemble; the CSV feeds `shards build --extra`.
 
     RUNS: one or more experiment folders (or fold run folders), then IMAGES_DIR."""
@@ -178,7 +185,7 @@ def pseudo_label(runs, images_dir, out, min_confidence, age_from_filename, decis
 
     report = pseudo.pseudo_label(list(runs), images_dir, out, min_confidence, age_from_filename, batch_size, workers,
                                  precision=precision, timeout_s=timeout_s, decisions=decisions, allow_unfinished=allow_unfinished,
-                                 part_confidence=pseudo.parse_part_confidence(part_confidence))
+                                 part_confidence=pseudo.parse_part_confidence(part_confidence), allow_nonfinite=allow_nonfinite)
     click.echo(report.describe())
 
 
@@ -189,7 +196,8 @@ def pseudo_label(runs, images_dir, out, min_confidence, age_from_filename, decis
               help="Write the CSV here (path, class, mask, gender, age, probability); default: print it.")
 @_vote_options
 @click.option("--allow-unfinished", is_flag=True, help=UNFINISHED_HELP)
-def classify(runs, inputs, out, weighting, decisions, tta, batch_size, workers, precision, allow_unfinished):
+@click.option("--allow-nonfinite", is_flag=True, help=NONFINITE_HELP)
+def classify(runs, inputs, out, weighting, decisions, tta, batch_size, workers, precision, allow_unfinished, allow_nonfinite):
     """Classify photos (any layout) with the ensemble of RUNS.
 
     RUNS: an experiment folder (or a fold run folder); then PHOTO or FOLDER, one or more.
@@ -201,7 +209,8 @@ def classify(runs, inputs, out, weighting, decisions, tta, batch_size, workers, 
     from maskdist.infer import classify as classify_api
 
     result = classify_api.classify([runs], inputs, out, tta=tta, weighting=weighting, decisions=decisions, batch_size=batch_size,
-                                   workers=workers, precision=precision, allow_unfinished=allow_unfinished)
+                                   workers=workers, precision=precision, allow_unfinished=allow_unfinished,
+                                   allow_nonfinite=allow_nonfinite)
     if out is None:
         click.echo(result.rows.to_csv(index=False), nl=False)
     click.echo(result.describe(out), err=True)
