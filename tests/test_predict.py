@@ -566,3 +566,31 @@ def test_predict_and_pseudo_label_refuse_non_finite_output_and_record_every_imag
     report = pseudo.pseudo_label([nan_experiment / "fold0"], outside, labels_csv, workers=0, allow_nonfinite=True)
     assert report.labelled == 0 and len(report.nonfinite.unanswered) == images
     assert f"no finite output from any model, not labelled: {images}" in report.describe()
+
+
+def test_oof_and_export_refuse_non_finite_rows_and_models_and_name_them_when_allowed(nan_experiment, tmp_path):
+    from maskdist.infer import export, oof as oof_api
+
+    # OOF rows of a fold whose validation gave NaN (as a fold trained before such epochs were refused)
+    table = nan_experiment / "fold0" / "oof.csv"
+    rows = pd.read_csv(table)
+    rows.loc[:1, [f"p{c:02d}" for c in range(18)]] = np.nan
+    rows.to_csv(table, index=False)
+    broken = sorted(rows["key"][:2])
+    refused = _maskdist(tmp_path, "oof", nan_experiment)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr[-2000:]
+    assert f"non-finite probabilities (NaN or inf) in {table} for 2 of" in refused.stderr and "--allow-nonfinite" in refused.stderr
+    result = oof_api.oof_scores(nan_experiment, allow_nonfinite=True)
+    total = sum(len(pd.read_csv(nan_experiment / f"fold{k}" / "oof.csv")) for k in range(FOLDS))
+    assert result["samples"] == total - 2 and [r["key"] for r in result["nonfinite"]] == broken
+    assert all(r["why"] == f"non-finite probabilities in {table}" for r in result["nonfinite"])
+    assert result["folds"][0].samples == len(rows) - 2
+
+    # a model with a NaN bias is not exported, unless allowed, and then its export says so
+    out = tmp_path / "timm"
+    refused = _maskdist(tmp_path, "export", nan_experiment, "--format", "timm", "--out", out)
+    assert refused.returncode == 2 and f"{nan_experiment / 'fold0'}: non-finite weights (NaN or inf in classifier.bias)" in refused.stderr
+    assert not out.exists() and "fold1" not in refused.stderr
+    folders = export.export_timm([nan_experiment], out, allow_nonfinite=True)
+    records = [json.loads((f / "maskdist.json").read_text()) for f in folders]
+    assert records[0]["nonfinite"].startswith("non-finite weights") and "nonfinite" not in records[1] | records[2]

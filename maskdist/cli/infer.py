@@ -106,19 +106,21 @@ def score(submission, answers, as_json):
               help="Where --tune writes (default: EXPERIMENT/decisions.json; decisions-with-<B>.json for several).")
 @click.option("--force", is_flag=True, help="Write the tuned decisions even when their nested gain is not positive.")
 @click.option("--allow-unfinished", is_flag=True, help="Read the OOF predictions of folds that did not finish (recorded).")
+@click.option("--allow-nonfinite", is_flag=True, help="Score and tune without the OOF rows whose probabilities are not finite"
+              " (NaN or inf), naming them (default: stop).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-def oof(experiments, tune, out, force, allow_unfinished, as_json):
+def oof(experiments, tune, out, force, allow_unfinished, allow_nonfinite, as_json):
     """Cross-validated macro F1 (each fold's, and that of all out-of-fold predictions); with
     --tune, decisions tuned for macro F1 on them."""
     import json
 
     from maskdist.infer import oof as oof_api, scoring
 
-    result = oof_api.oof_scores(list(experiments), allow_unfinished)
-    tuned = oof_api.tune_decisions(list(experiments), out, force, allow_unfinished) if tune else None
+    result = oof_api.oof_scores(list(experiments), allow_unfinished, allow_nonfinite)
+    tuned = oof_api.tune_decisions(list(experiments), out, force, allow_unfinished, allow_nonfinite) if tune else None
     if as_json:
         data = {"folds": {k: v.to_dict() for k, v in result["folds"].items()}, "oof": result["oof"].to_dict(),
-                "unfinished": result["unfinished"], "ignored": result["ignored"]}
+                "unfinished": result["unfinished"], "ignored": result["ignored"], "nonfinite": result["nonfinite"]}
         if "blend" in result:
             data["blend"] = result["blend"].to_dict()
             data["experiments"] = {k: v["oof"].macro_f1 for k, v in result["experiments"].items()}
@@ -130,6 +132,11 @@ def oof(experiments, tune, out, force, allow_unfinished, as_json):
         click.echo(f"note: unfinished fold read: {note}", err=True)
     for note in result["ignored"]:
         click.echo(f"note: {note}", err=True)
+    if result["nonfinite"]:
+        click.echo(f"warning: {len(result['nonfinite'])} OOF row(s) with non-finite probabilities left out of every figure"
+                   " (--allow-nonfinite):", err=True)
+        for row in result["nonfinite"]:
+            click.echo(f"  {row['key']}: {row['why']}", err=True)
     for fold, scores in sorted(result["folds"].items()):
         click.echo(f"fold {fold}: macro F1 {scores.macro_f1:.4f} ({scores.samples} images)")
     click.echo(scoring.describe_scores(result["oof"], "out-of-fold: "))
@@ -226,17 +233,19 @@ def classify(runs, inputs, out, weighting, decisions, tta, batch_size, workers, 
               help="onnx: average each experiment's folds uniformly or weighted by validation F1.")
 @click.option("--decisions", default="tuned", show_default=True, help="onnx: the decisions behind the label output. " + DECISIONS_HELP)
 @click.option("--allow-unfinished", is_flag=True, help=UNFINISHED_HELP)
-def export(runs, fmt, out, tta, weighting, decisions, allow_unfinished):
+@click.option("--allow-nonfinite", is_flag=True, help="Export a model whose weights or output are not finite (NaN or inf),"
+              " recorded in the export (default: stop, nothing exported).")
+def export(runs, fmt, out, tta, weighting, decisions, allow_unfinished, allow_nonfinite):
     """Fold models out of RUNS: timm's hub layout, or one ONNX graph of the ensemble.
 
     RUNS: experiment folders (all of their fold<K>) or fold run folders."""
     from maskdist.infer import export as export_api
 
     if fmt == "timm":
-        for folder in export_api.export_timm(list(runs), out, allow_unfinished):
+        for folder in export_api.export_timm(list(runs), out, allow_unfinished, allow_nonfinite):
             click.echo(f"wrote {folder} (timm.create_model('local-dir:{folder}'))")
         return
-    done = export_api.export_onnx(list(runs), out, tta, weighting, decisions, allow_unfinished)
+    done = export_api.export_onnx(list(runs), out, tta, weighting, decisions, allow_unfinished, allow_nonfinite)
     photo = "the face crop" if done["face_crop"] else "the photo"
     click.echo(f"wrote {done['out']}: {done['models']} model(s), input uint8 NHWC {done['crop']}x{done['crop']} ({photo} resized"
                f" to {done['resize']}, centre crop {done['crop']}), TTA {done['tta']}, decisions {done['decisions']}")
