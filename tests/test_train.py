@@ -284,3 +284,42 @@ def test_non_finite_validation_logits_are_never_best_and_a_run_without_a_finite_
     assert not (out / "fold0" / checkpoint.WEIGHTS).exists() and not (out / "fold0" / checkpoint.MODEL_JSON).exists()
     values = {tag: [e.value for e in acc.Scalars(tag)] for acc in _events(out / "fold0") for tag in acc.Tags()["scalars"]}
     assert values["val/nonfinite_samples"] == [samples, samples]
+
+
+@pytest.mark.duration(30)
+def test_a_non_finite_epoch_after_a_finite_best_is_not_best_and_is_recorded_in_the_model_card(small_shards, tmp_path):
+    """A fold interrupted after a finite epoch 0 whose saved weights then hold a NaN BatchNorm
+    variance: the resumed epoch 1 validates to non-finite logits (its F1, counting them as class
+    0, may even be higher). It must not replace the best model, and the card must say so."""
+    from safetensors.torch import save_file
+
+    out = tmp_path / "runs"
+    args = [sys.executable, "-m", "maskdist", *_train_args(small_shards, out, 0, 2, "--max-steps", "1", "--workers", "0")]
+    first = subprocess.run(args, env=launch_env(tmp_path), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    run_dir = out / "fold0"
+    # back to the state saved after epoch 0 (kept as state.old), its weights broken as a bad step would leave them
+    import shutil
+
+    shutil.rmtree(run_dir / "state")
+    (run_dir / "state.old").rename(run_dir / "state")
+    trainer = json.loads((run_dir / "state" / "trainer.json").read_text())
+    assert (trainer["epoch"], trainer["epoch_done"]) == (0, True)
+    trainer.pop("files")  # the sizes and hashes of the files changed here (a state from before they were recorded)
+    (run_dir / "state" / "trainer.json").write_text(json.dumps(trainer))
+    weights = load_file(str(run_dir / "state" / "model.safetensors"))
+    weights["bn1.running_var"][:] = float("nan")
+    save_file(weights, str(run_dir / "state" / "model.safetensors"))
+    card = checkpoint.read_card(run_dir) | {"finished": False, "epoch": 0}
+    (run_dir / checkpoint.MODEL_JSON).write_text(json.dumps(card))
+    best_before = (run_dir / checkpoint.WEIGHTS).read_bytes()
+
+    resumed = subprocess.run(args + ["--resume"], env=launch_env(tmp_path), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    samples = open_shard_set(small_shards).samples("train", [0], extra=False)
+    assert f"warning: epoch 1: non-finite validation logits (NaN or inf) on {samples} of {samples} samples" in resumed.stdout
+    assert "*best*" not in resumed.stdout and (run_dir / checkpoint.WEIGHTS).read_bytes() == best_before
+    card = checkpoint.read_card(run_dir)
+    assert card["epoch"] == 0 and card["nonfinite_validation"] == {"1": {"samples": samples, "live": samples}}
+    values = {tag: [e.value for e in acc.Scalars(tag)] for acc in _events(run_dir) for tag in acc.Tags()["scalars"]}
+    assert values["val/nonfinite_samples"][-1] == samples
