@@ -440,7 +440,7 @@ def test_classify_names_and_counts_unreadable_files_and_agrees_with_predict(expe
     assert f"unreadable, skipped: {photos / 'broken.jpg'}" in result.stderr and "1 unreadable file(s) skipped" in result.stderr
     assert "classify:" not in result.stderr  # no progress bar off a terminal
     rows = pd.read_csv(table)
-    assert list(rows.columns) == ["path", "class", "mask", "gender", "age", "probability"]
+    assert list(rows.columns) == ["path", "class", "mask", "gender", "age", "probability", "note"]
     assert str(photos / "broken.jpg") not in set(rows["path"])
     assert rows["probability"].between(0, 1).all() and set(rows["mask"]) <= {"wear", "incorrect", "not_worn"}
 
@@ -723,3 +723,116 @@ def test_compare_on_real_experiments_pairs_seed_replicates_scores_the_eval_set_a
     assert f"{other} split the people into other folds than {experiment}" in refused.stderr
     alone = _maskdist(tmp_path, "compare", experiment)
     assert alone.returncode == 2 and "two or more experiments" in alone.stderr
+
+
+# --- non-finite outputs: named, refused, or kept and marked ---------------------------------------
+
+
+@pytest.fixture
+def nan_experiment(experiment, tmp_path):
+    """A copy of the experiment whose fold 0 outputs NaN on every input: its classifier bias is
+    NaN in best.safetensors (the other folds are untouched)."""
+    from safetensors.torch import load_file, save_file
+
+    runs = tmp_path / "nan"
+    shutil.copytree(experiment, runs)
+    weights = runs / "fold0" / checkpoint.WEIGHTS
+    state = load_file(str(weights))
+    state["classifier.bias"][:] = float("nan")
+    save_file(state, str(weights))
+    return runs
+
+
+def test_classify_refuses_a_model_with_non_finite_output_and_keeps_every_photo_when_allowed(nan_experiment, small_synth, tmp_path):
+    from maskdist.infer import classify as classify_api
+
+    photos = tmp_path / "photos"
+    shutil.copytree(small_synth / "eval" / "images", photos)
+    count = len(classify_api.photos([photos]))
+    table = tmp_path / "classified.csv"
+    refused = _maskdist(tmp_path, "classify", nan_experiment, photos, "--out", table, "--workers", "0")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr[-2000:]
+    assert f"from {nan_experiment / 'fold0'} on {count} of {count} photo(s)" in refused.stderr
+    assert "--allow-nonfinite" in refused.stderr and "fold1" not in refused.stderr and not table.exists()
+
+    # allowed: every photo is kept, voted by the two finite folds, and marked
+    kept = classify_api.classify([nan_experiment], [photos], table, workers=0, allow_nonfinite=True)
+    rows = pd.read_csv(table)
+    assert len(rows) == count and rows["class"].notna().all()
+    assert rows["note"].str.contains(f"non-finite output \\(NaN or inf\\) of {nan_experiment / 'fold0'}: voted by the other 2").all()
+    others = classify_api.classify([nan_experiment / "fold1", nan_experiment / "fold2"], [photos], workers=0)
+    assert rows["class"].tolist() == others.rows["class"].tolist()
+    assert kept.nonfinite.models == {str(nan_experiment / "fold0"): count}
+    assert f"{count} photo(s) marked, 0 without an answer" in kept.describe(table)
+
+    # a photo no model could compute is kept without a class, never dropped
+    alone = classify_api.classify([nan_experiment / "fold0"], [photos], workers=0, allow_nonfinite=True)
+    assert len(alone.rows) == count and alone.rows["class"].isna().all() and alone.rows["note"].str.endswith(": no answer").all()
+    assert alone.describe(None).startswith(f"0 of {count} photo(s) classified")
+
+    # nothing readable: an error, not an empty table
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.jpg").write_bytes(b"not a jpeg")
+    empty = _maskdist(tmp_path, "classify", nan_experiment / "fold1", broken, "--out", table.with_name("none.csv"), "--workers", "0")
+    assert empty.returncode == 2 and f"none of the 1 photo(s) could be read (e.g. {broken / 'a.jpg'}" in empty.stderr
+    assert not table.with_name("none.csv").exists()
+
+
+def test_predict_and_pseudo_label_refuse_non_finite_output_and_record_every_image_when_allowed(nan_experiment, small_synth, tmp_path):
+    from maskdist.infer import predict as predict_api, pseudo
+
+    eval_dir = small_synth / "eval"
+    images = len(pd.read_csv(eval_dir / "info.csv"))
+    refused = _maskdist(tmp_path, "predict", nan_experiment, "--eval-dir", eval_dir, "--out", tmp_path / "s.csv", "--workers", "0")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr[-2000:]
+    assert f"from {nan_experiment / 'fold0'} on {images} of {images} eval image(s)" in refused.stderr
+    assert not (tmp_path / "s.csv").exists() and not (tmp_path / "s.predict.json").exists()
+
+    summary = predict_api.predict([nan_experiment], tmp_path / "s.csv", eval_dir=eval_dir, workers=0, allow_nonfinite=True)
+    record = json.loads((tmp_path / "s.predict.json").read_text())["nonfinite"]
+    ids = pd.read_csv(eval_dir / "info.csv", dtype=str)["ImageID"]
+    assert record["models"] == {str(nan_experiment / "fold0"): images} and record["unanswered"] == []
+    assert sorted(r["key"] for r in record["rows"]) == sorted(ids)
+    assert all(r["why"].endswith("voted by the other 2 model(s)") for r in record["rows"])
+    assert summary["nonfinite_lines"][0].startswith(f"warning: non-finite output (NaN or inf) from {nan_experiment / 'fold0'}")
+    predict_api.predict([nan_experiment / "fold1", nan_experiment / "fold2"], tmp_path / "two.csv", eval_dir=eval_dir, workers=0)
+    assert _answers(tmp_path / "s.csv") == _answers(tmp_path / "two.csv")
+    with pytest.raises(MaskdistError, match=f"{images} eval image\\(s\\) got no finite output from any model"):
+        predict_api.predict([nan_experiment / "fold0"], tmp_path / "one.csv", eval_dir=eval_dir, workers=0, allow_nonfinite=True)
+
+    outside = eval_dir / "images"
+    labels_csv = tmp_path / "pseudo.csv"
+    refused = _maskdist(tmp_path, "pseudo-label", nan_experiment, outside, "--out", labels_csv, "--workers", "0")
+    assert refused.returncode == 2 and str(nan_experiment / "fold0") in refused.stderr and not labels_csv.exists()
+    report = pseudo.pseudo_label([nan_experiment / "fold0"], outside, labels_csv, workers=0, allow_nonfinite=True)
+    assert report.labelled == 0 and len(report.nonfinite.unanswered) == images
+    assert f"no finite output from any model, not labelled: {images}" in report.describe()
+
+
+def test_oof_and_export_refuse_non_finite_rows_and_models_and_name_them_when_allowed(nan_experiment, tmp_path):
+    from maskdist.infer import export, oof as oof_api
+
+    # OOF rows of a fold whose validation gave NaN (as a fold trained before such epochs were refused)
+    table = nan_experiment / "fold0" / "oof.csv"
+    rows = pd.read_csv(table)
+    rows.loc[:1, [f"p{c:02d}" for c in range(18)]] = np.nan
+    rows.to_csv(table, index=False)
+    broken = sorted(rows["key"][:2])
+    refused = _maskdist(tmp_path, "oof", nan_experiment)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr[-2000:]
+    assert f"non-finite probabilities (NaN or inf) in {table} for 2 of" in refused.stderr and "--allow-nonfinite" in refused.stderr
+    result = oof_api.oof_scores(nan_experiment, allow_nonfinite=True)
+    total = sum(len(pd.read_csv(nan_experiment / f"fold{k}" / "oof.csv")) for k in range(FOLDS))
+    assert result["samples"] == total - 2 and [r["key"] for r in result["nonfinite"]] == broken
+    assert all(r["why"] == f"non-finite probabilities in {table}" for r in result["nonfinite"])
+    assert result["folds"][0].samples == len(rows) - 2
+
+    # a model with a NaN bias is not exported, unless allowed, and then its export says so
+    out = tmp_path / "timm"
+    refused = _maskdist(tmp_path, "export", nan_experiment, "--format", "timm", "--out", out)
+    assert refused.returncode == 2 and f"{nan_experiment / 'fold0'}: non-finite weights (NaN or inf in classifier.bias)" in refused.stderr
+    assert not out.exists() and "fold1" not in refused.stderr
+    folders = export.export_timm([nan_experiment], out, allow_nonfinite=True)
+    records = [json.loads((f / "maskdist.json").read_text()) for f in folders]
+    assert records[0]["nonfinite"].startswith("non-finite weights") and "nonfinite" not in records[1] | records[2]

@@ -268,3 +268,72 @@ def test_run_folder_and_manifest_keep_their_file_names_and_keys(ddp_run, small_s
     assert set(manifest) == MANIFEST_KEYS and manifest["format_version"] == 1
     assert all(set(entry) == SHARD_ENTRY_KEYS for entry in manifest["shards"])
     assert set(manifest["totals"]) == {"train", "train_true", "eval"}
+
+
+@pytest.mark.duration(25)
+def test_non_finite_validation_logits_are_never_best_and_a_run_without_a_finite_epoch_stops(small_shards, tmp_path):
+    """Pretrained weights whose first BatchNorm holds a NaN variance: training (batch statistics)
+    stays finite, the eval-mode logits do not. No epoch may be best, and the run ends in one line."""
+    import timm
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in timm.create_model("test_efficientnet").state_dict().items()}
+    state["bn1.running_var"][:] = float("nan")
+    save_file(state, str(tmp_path / "broken.safetensors"))
+    out = tmp_path / "runs"
+    args = [sys.executable, "-m", "maskdist", *_train_args(small_shards, out, 0, 2, "--max-steps", "1", "--workers", "0"),
+            "--pretrained", str(tmp_path / "broken.safetensors")]
+    result = subprocess.run(args, env=launch_env(tmp_path), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    samples = open_shard_set(small_shards).samples("train", [0], extra=False)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning: epoch")]
+    assert warnings == [f"warning: epoch {e}: non-finite validation logits (NaN or inf) on {samples} of {samples} samples with the"
+                        " live weights: the epoch is not a candidate for best (likely causes: a learning rate too high (--lr),"
+                        " fp16 overflow (--precision bf16 or no) or broken pretrained weights (--pretrained))" for e in (0, 1)]
+    assert "*best*" not in result.stdout and re.search(r"^epoch 1: loss [\d.]+,", result.stdout, re.M)  # the loss was finite
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: fold 0: every epoch's validation gave non-finite logits (NaN or inf), so there is no best model to save; likely"
+        " causes: a learning rate too high (--lr), fp16 overflow (--precision bf16 or no) or broken pretrained weights"
+        " (--pretrained); change one and train the fold again with --overwrite")
+    assert not (out / "fold0" / checkpoint.WEIGHTS).exists() and not (out / "fold0" / checkpoint.MODEL_JSON).exists()
+    values = {tag: [e.value for e in acc.Scalars(tag)] for acc in _events(out / "fold0") for tag in acc.Tags()["scalars"]}
+    assert values["val/nonfinite_samples"] == [samples, samples]
+
+
+@pytest.mark.duration(30)
+def test_a_non_finite_epoch_after_a_finite_best_is_not_best_and_is_recorded_in_the_model_card(small_shards, tmp_path):
+    """A fold interrupted after a finite epoch 0 whose saved weights then hold a NaN BatchNorm
+    variance: the resumed epoch 1 validates to non-finite logits (its F1, counting them as class
+    0, may even be higher). It must not replace the best model, and the card must say so."""
+    from safetensors.torch import save_file
+
+    out = tmp_path / "runs"
+    args = [sys.executable, "-m", "maskdist", *_train_args(small_shards, out, 0, 2, "--max-steps", "1", "--workers", "0")]
+    first = subprocess.run(args, env=launch_env(tmp_path), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    run_dir = out / "fold0"
+    # back to the state saved after epoch 0 (kept as state.old), its weights broken as a bad step would leave them
+    import shutil
+
+    shutil.rmtree(run_dir / "state")
+    (run_dir / "state.old").rename(run_dir / "state")
+    trainer = json.loads((run_dir / "state" / "trainer.json").read_text())
+    assert (trainer["epoch"], trainer["epoch_done"]) == (0, True)
+    trainer.pop("files")  # the sizes and hashes of the files changed here (a state from before they were recorded)
+    (run_dir / "state" / "trainer.json").write_text(json.dumps(trainer))
+    weights = load_file(str(run_dir / "state" / "model.safetensors"))
+    weights["bn1.running_var"][:] = float("nan")
+    save_file(weights, str(run_dir / "state" / "model.safetensors"))
+    card = checkpoint.read_card(run_dir) | {"finished": False, "epoch": 0}
+    (run_dir / checkpoint.MODEL_JSON).write_text(json.dumps(card))
+    best_before = (run_dir / checkpoint.WEIGHTS).read_bytes()
+
+    resumed = subprocess.run(args + ["--resume"], env=launch_env(tmp_path), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    samples = open_shard_set(small_shards).samples("train", [0], extra=False)
+    assert f"warning: epoch 1: non-finite validation logits (NaN or inf) on {samples} of {samples} samples" in resumed.stdout
+    assert "*best*" not in resumed.stdout and (run_dir / checkpoint.WEIGHTS).read_bytes() == best_before
+    card = checkpoint.read_card(run_dir)
+    assert card["epoch"] == 0 and card["nonfinite_validation"] == {"1": {"samples": samples, "live": samples}}
+    values = {tag: [e.value for e in acc.Scalars(tag)] for acc in _events(run_dir) for tag in acc.Tags()["scalars"]}
+    assert values["val/nonfinite_samples"][-1] == samples

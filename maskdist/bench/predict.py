@@ -68,7 +68,7 @@ def bench_predict(runs: Sequence[str | Path], shards: str, info_csv: str | Path 
 
     def predict_pass() -> int:
         votes = vote(ensemble, make_loader, device, tta, accelerator.autocast)
-        return len(votes.probs) + len(votes.failed)
+        return len(votes.probs) + len(votes.nonfinite) + len(votes.failed)
 
     decoded = {}  # the same images, decoded once per input group
     for g, group in enumerate(ensemble.groups):

@@ -14,6 +14,8 @@ PRECISION_HELP = "Mixed precision; auto: the one the folds were trained with (th
 DECISIONS_HELP = ("tuned: the decisions `maskdist oof RUNS --tune` wrote into the experiment, when it has them (else the"
                   " argmax); argmax: the most probable class; or a decisions file.")
 UNFINISHED_HELP = "Let folds that did not finish their schedule vote (the outputs record them)."
+NONFINITE_HELP = ("Go on when a model gives non-finite output (NaN or inf): the images it could not compute are voted by the"
+                  " other models, or kept without an answer, and marked in the outputs (default: stop, nothing written).")
 
 
 def _vote_options(command):
@@ -51,8 +53,9 @@ def _is_main() -> bool:
 @click.option("--allow-unfinished", is_flag=True, help=UNFINISHED_HELP)
 @click.option("--full-weight", type=float, default=None,
               help="The full-data model's share of its experiment's vote, 0..1 (default: as one fold's).")
+@click.option("--allow-nonfinite", is_flag=True, help=NONFINITE_HELP)
 def predict(runs, shards, eval_dir, info_csv, out, weighting, decisions, tta, batch_size, workers, precision, timeout_s,
-            allow_unfinished, full_weight):
+            allow_unfinished, full_weight, allow_nonfinite):
     """The ensemble votes on the eval set and writes the submission.
 
     RUNS: experiment folders (all of their fold<K>; several experiments vote together) or
@@ -67,10 +70,13 @@ def predict(runs, shards, eval_dir, info_csv, out, weighting, decisions, tta, ba
 
     summary = predict_api.predict(runs, out, shards=shards, eval_dir=eval_dir, info_csv=info_csv, weighting=weighting,
                                   tta=tta, batch_size=batch_size, workers=workers, precision=precision, timeout_s=timeout_s,
-                                  decisions=decisions, allow_unfinished=allow_unfinished, full_weight=full_weight)
+                                  decisions=decisions, allow_unfinished=allow_unfinished, full_weight=full_weight,
+                                  allow_nonfinite=allow_nonfinite)
     if summary["processes"] == 1 or _is_main():
         for note in summary["notes"]:
             click.echo(f"note: {note}", err=True)
+        for line in summary["nonfinite_lines"]:
+            click.echo(line, err=True)
         precision = "full precision" if summary["precision"] == "no" else f"{summary['precision']} mixed precision"
         click.echo(f"{plural(summary['images'], 'image')} x {plural(summary['models'], 'model')} on"
                    f" {plural(summary['processes'], 'process', 'processes')} ({precision}, TTA {tta}, {weighting} weights):"
@@ -103,19 +109,22 @@ def score(submission, answers, as_json):
               help="Where --tune writes (default: EXPERIMENT/decisions.json; decisions-with-<B>.json for several).")
 @click.option("--force", is_flag=True, help="Write the tuned decisions even when their nested gain is not positive.")
 @click.option("--allow-unfinished", is_flag=True, help="Read the OOF predictions of folds that did not finish (recorded).")
+@click.option("--allow-nonfinite", is_flag=True, help="Score and tune without the OOF rows whose probabilities are not finite"
+              " (NaN or inf), naming them (default: stop).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-def oof(experiments, tune, out, force, allow_unfinished, as_json):
+def oof(experiments, tune, out, force, allow_unfinished, allow_nonfinite, as_json):
     """Cross-validated macro F1 (each fold's, and that of all out-of-fold predictions); with
     --tune, decisions tuned for macro F1 on them."""
     import json
 
     from maskdist.infer import oof as oof_api, scoring
 
-    result = oof_api.oof_scores(list(experiments), allow_unfinished)
-    tuned = oof_api.tune_decisions(list(experiments), out, force, allow_unfinished) if tune else None
+    result = oof_api.oof_scores(list(experiments), allow_unfinished, allow_nonfinite)
+    tuned = oof_api.tune_decisions(list(experiments), out, force, allow_unfinished, allow_nonfinite) if tune else None
     if as_json:
         data = {"folds": {k: v.to_dict() for k, v in result["folds"].items()}, "oof": result["oof"].to_dict(),
-                "unfinished": result["unfinished"], "ignored": result["ignored"], "mixed_plans": result["mixed_plans"]}
+                "unfinished": result["unfinished"], "ignored": result["ignored"], "mixed_plans": result["mixed_plans"],
+                "nonfinite": result["nonfinite"]}
         if "blend" in result:
             data["blend"] = result["blend"].to_dict()
             data["experiments"] = {k: v["oof"].macro_f1 for k, v in result["experiments"].items()}
@@ -127,6 +136,11 @@ def oof(experiments, tune, out, force, allow_unfinished, as_json):
         click.echo(f"note: unfinished fold read: {note}", err=True)
     for note in result["ignored"] + result["mixed_plans"]:
         click.echo(f"note: {note}", err=True)
+    if result["nonfinite"]:
+        click.echo(f"warning: {len(result['nonfinite'])} OOF row(s) with non-finite probabilities left out of every figure"
+                   " (--allow-nonfinite):", err=True)
+        for row in result["nonfinite"]:
+            click.echo(f"  {row['key']}: {row['why']}", err=True)
     for fold, scores in sorted(result["folds"].items()):
         click.echo(f"fold {fold}: macro F1 {scores.macro_f1:.4f} ({scores.samples} images)")
     click.echo(scoring.describe_scores(result["oof"], "out-of-fold: "))
@@ -201,8 +215,9 @@ def audit(experiments, out, shards, people, min_evidence, truth, allow_unfinishe
 @click.option("--part-confidence", default=None,
               help="Per-part thresholds on the chosen part's probability, e.g. mask=0.5,gender=0.9,age=0.8.")
 @click.option("--allow-unfinished", is_flag=True, help=UNFINISHED_HELP)
+@click.option("--allow-nonfinite", is_flag=True, help=NONFINITE_HELP)
 def pseudo_label(runs, images_dir, out, min_confidence, age_from_filename, decisions, batch_size, workers, precision, timeout_s,
-                 part_confidence, allow_unfinished):
+                 part_confidence, allow_unfinished, allow_nonfinite):
     """Label outside images with the ensemble; the CSV feeds `shards build --extra`.
 
     RUNS: one or more experiment folders (or fold run folders), then IMAGES_DIR."""
@@ -210,7 +225,7 @@ def pseudo_label(runs, images_dir, out, min_confidence, age_from_filename, decis
 
     report = pseudo.pseudo_label(list(runs), images_dir, out, min_confidence, age_from_filename, batch_size, workers,
                                  precision=precision, timeout_s=timeout_s, decisions=decisions, allow_unfinished=allow_unfinished,
-                                 part_confidence=pseudo.parse_part_confidence(part_confidence))
+                                 part_confidence=pseudo.parse_part_confidence(part_confidence), allow_nonfinite=allow_nonfinite)
     click.echo(report.describe())
 
 
@@ -221,7 +236,8 @@ def pseudo_label(runs, images_dir, out, min_confidence, age_from_filename, decis
               help="Write the CSV here (path, class, mask, gender, age, probability); default: print it.")
 @_vote_options
 @click.option("--allow-unfinished", is_flag=True, help=UNFINISHED_HELP)
-def classify(runs, inputs, out, weighting, decisions, tta, batch_size, workers, precision, allow_unfinished):
+@click.option("--allow-nonfinite", is_flag=True, help=NONFINITE_HELP)
+def classify(runs, inputs, out, weighting, decisions, tta, batch_size, workers, precision, allow_unfinished, allow_nonfinite):
     """Classify photos (any layout) with the ensemble of RUNS.
 
     RUNS: an experiment folder (or a fold run folder); then PHOTO or FOLDER, one or more.
@@ -233,7 +249,8 @@ def classify(runs, inputs, out, weighting, decisions, tta, batch_size, workers, 
     from maskdist.infer import classify as classify_api
 
     result = classify_api.classify([runs], inputs, out, tta=tta, weighting=weighting, decisions=decisions, batch_size=batch_size,
-                                   workers=workers, precision=precision, allow_unfinished=allow_unfinished)
+                                   workers=workers, precision=precision, allow_unfinished=allow_unfinished,
+                                   allow_nonfinite=allow_nonfinite)
     if out is None:
         click.echo(result.rows.to_csv(index=False), nl=False)
     click.echo(result.describe(out), err=True)
@@ -249,7 +266,9 @@ def classify(runs, inputs, out, weighting, decisions, tta, batch_size, workers, 
               help="onnx: average each experiment's folds uniformly or weighted by validation F1.")
 @click.option("--decisions", default="tuned", show_default=True, help="onnx: the decisions behind the label output. " + DECISIONS_HELP)
 @click.option("--allow-unfinished", is_flag=True, help=UNFINISHED_HELP)
-def export(runs, fmt, out, tta, weighting, decisions, allow_unfinished):
+@click.option("--allow-nonfinite", is_flag=True, help="Export a model whose weights or output are not finite (NaN or inf),"
+              " recorded in the export (default: stop, nothing exported).")
+def export(runs, fmt, out, tta, weighting, decisions, allow_unfinished, allow_nonfinite):
     """Fold models out of RUNS: timm's hub layout, or one ONNX graph of the ensemble.
 
     RUNS: experiment folders (all of their fold<K>) or fold run folders."""
@@ -258,10 +277,10 @@ def export(runs, fmt, out, tta, weighting, decisions, allow_unfinished):
     for note in members.unnamed_full_data(runs, members.find_members(runs, allow_unfinished=True), "is not exported"):
         click.echo(f"note: {note}", err=True)  # as predict says it: an experiment folder exports its folds only
     if fmt == "timm":
-        for folder in export_api.export_timm(list(runs), out, allow_unfinished):
+        for folder in export_api.export_timm(list(runs), out, allow_unfinished, allow_nonfinite):
             click.echo(f"wrote {folder} (timm.create_model('local-dir:{folder}'))")
         return
-    done = export_api.export_onnx(list(runs), out, tta, weighting, decisions, allow_unfinished)
+    done = export_api.export_onnx(list(runs), out, tta, weighting, decisions, allow_unfinished, allow_nonfinite)
     photo = "the face crop" if done["face_crop"] else "the photo"
     click.echo(f"wrote {done['out']}: {done['models']} model(s), input uint8 RGB NHWC {done['crop']}x{done['crop']} ({photo} squashed"
                f" to {done['resize']}x{done['resize']}, bilinear, centre crop {done['crop']}), TTA {done['tta']}, decisions {done['decisions']}")

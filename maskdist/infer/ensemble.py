@@ -273,12 +273,13 @@ def group_probs(ensemble: Ensemble, group: InputGroup, loader, device, tta: str 
 class Votes:
     """Every model's probabilities per image, gathered from all processes."""
 
-    probs: dict  # key -> models x classes
-    failed: list  # (key, why), one per image
+    probs: dict  # key -> models x classes, every model's output finite
+    failed: list  # (key, why), one per image that could not be read
+    nonfinite: dict = field(default_factory=dict)  # key -> models x classes, NaN where a model's output was not finite
 
     def stacked(self, keys: Sequence[str]) -> np.ndarray:
-        """images x models x classes, in ``keys`` order."""
-        return np.stack([self.probs[k] for k in keys])
+        """images x models x classes, in ``keys`` order (rows of ``nonfinite`` hold NaN for their failed models)."""
+        return np.stack([self.probs[k] if k in self.probs else self.nonfinite[k] for k in keys])
 
 
 def vote(ensemble: Ensemble, make_loader: Callable[[InputGroup], object], device, tta: str = "none",
@@ -304,10 +305,23 @@ def vote(ensemble: Ensemble, make_loader: Callable[[InputGroup], object], device
             per_key.setdefault(key, np.full((ensemble.folds, labels.NUM_CLASSES), np.nan, np.float32))[group.members] = probs
         for key, why in distributed.gather_rows(bad, accelerator):
             failed.setdefault(key, why)
-    complete = {k: v for k, v in per_key.items() if k not in failed and not np.isnan(v).any()}
-    return Votes(complete, sorted(failed.items()))
+    read = {k: v for k, v in per_key.items() if k not in failed}
+    # A model whose output is not finite (NaN or inf) on an image is kept apart, never dropped:
+    # the caller names it (maskdist.infer.finite).
+    finite = {k: v for k, v in read.items() if np.isfinite(v).all()}
+    nonfinite = {k: np.where(np.isfinite(v).all(axis=1, keepdims=True), v, np.nan).astype(np.float32)
+                 for k, v in read.items() if k not in finite}
+    return Votes(finite, sorted(failed.items()), nonfinite)
 
 
 def mix(ensemble: Ensemble, member_probs: np.ndarray) -> np.ndarray:
-    """The ensemble's probabilities from images x models x classes."""
-    return np.einsum("nmc,m->nc", member_probs, ensemble.weights).astype(np.float32)
+    """The ensemble's probabilities from images x models x classes. An image some models gave
+    no finite output for is voted by the others, their weights scaled to sum to 1; by none: NaN."""
+    finite = np.isfinite(member_probs).all(axis=2)
+    if finite.all():
+        return np.einsum("nmc,m->nc", member_probs, ensemble.weights).astype(np.float32)
+    weights = finite * ensemble.weights[None, :]
+    total = weights.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mixed = np.einsum("nmc,nm->nc", np.nan_to_num(member_probs, nan=0.0, posinf=0.0, neginf=0.0), weights) / total
+    return np.where(total > 0, mixed, np.nan).astype(np.float32)

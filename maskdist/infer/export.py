@@ -30,7 +30,7 @@ from torch import nn
 from maskdist.config import TTAS
 from maskdist.data import labels
 from maskdist.errors import MaskdistError
-from maskdist.infer import decisions as decisions_mod
+from maskdist.infer import decisions as decisions_mod, finite
 from maskdist.infer.ensemble import Ensemble, Member, load_ensemble
 from maskdist.infer.members import find_members
 from maskdist.model import heads as heads_mod
@@ -42,12 +42,37 @@ FORMATS = ("timm", "onnx")
 ONNX_OPSET = 17
 
 
-def _ensemble(sources, weighting: str, decisions: str, allow_unfinished: bool) -> tuple[Ensemble, decisions_mod.Applied]:
+def _ensemble(sources, weighting: str, decisions: str, allow_unfinished: bool,
+              allow_nonfinite: bool = False) -> tuple[Ensemble, decisions_mod.Applied, dict]:
+    """The ensemble, its decisions, and the models with non-finite weights or output (run -> why)."""
     runs = find_members(sources, allow_unfinished)
     applied = decisions_mod.resolve(decisions, runs, list(dict.fromkeys(r.experiment for r in runs)))
     ensemble = load_ensemble(runs, weighting, "cpu", allow_unfinished, applied.experiment_weights)
     _warn_of_face_crops(ensemble)
-    return ensemble, applied
+    broken = nonfinite_models(ensemble)
+    if broken and not allow_nonfinite:
+        raise MaskdistError(f"{'; '.join(f'{run}: {why}' for run, why in broken.items())}: the model's weights are broken, so none of"
+                            f" its answers can be trusted; retrain it (likely causes: {finite.CAUSES}); nothing was exported."
+                            f" {finite.ALLOW_OPTION} exports it anyway (the timm export records it in maskdist.json)")
+    for run, why in broken.items():
+        warnings.warn(f"{run}: {why}; exported anyway ({finite.ALLOW_OPTION})", stacklevel=3)
+    return ensemble, applied, broken
+
+
+def nonfinite_models(ensemble: Ensemble) -> dict[str, str]:
+    """Models with non-finite weights, or non-finite output on two probe images at their input
+    size (the mean image and a ramp): no input can be trusted to give them a finite answer."""
+    broken = {}
+    for member in ensemble.members:
+        bad = [name for name, t in member.model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        crop = int(member.card["image"]["crop"])
+        probes = torch.stack([torch.zeros(3, crop, crop), torch.linspace(-2, 2, 3 * crop * crop).reshape(3, crop, crop)])
+        with torch.no_grad():
+            probs = heads_mod.probabilities(member.model.eval()(probes), member.card.get("heads", "single"))
+        if bad or not torch.isfinite(probs).all():
+            broken[str(member.run_dir)] = (f"non-finite weights (NaN or inf in {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+                                           if bad else "non-finite output (NaN or inf) on probe images")
+    return broken
 
 
 def _warn_of_face_crops(ensemble: Ensemble) -> None:
@@ -84,11 +109,13 @@ def _classifier_prefix(model: nn.Module) -> str:
     return next(name for name, module in model.named_modules() if module is head) + "."
 
 
-def export_timm(sources: Sequence[str | os.PathLike], out: str | os.PathLike, allow_unfinished: bool = False) -> list[Path]:
-    """Each fold model of ``sources`` to ``out/<experiment>-fold<K>/`` in timm's hub layout."""
+def export_timm(sources: Sequence[str | os.PathLike], out: str | os.PathLike, allow_unfinished: bool = False,
+                allow_nonfinite: bool = False) -> list[Path]:
+    """Each fold model of ``sources`` to ``out/<experiment>-fold<K>/`` in timm's hub layout; a
+    model with non-finite weights or output is refused unless ``allow_nonfinite`` (then recorded)."""
     from timm.models import save_for_hf
 
-    ensemble, _ = _ensemble(sources, "uniform", "argmax", allow_unfinished)  # each model on its own: no vote
+    ensemble, _, broken = _ensemble(sources, "uniform", "argmax", allow_unfinished, allow_nonfinite)  # each on its own: no vote
     out = Path(out)
     names = [_folder_name(m, len(ensemble.experiments) > 1) for m in ensemble.members]
     written = []
@@ -104,6 +131,7 @@ def export_timm(sources: Sequence[str | os.PathLike], out: str | os.PathLike, al
             save_for_hf(single_head(member), str(tmp), model_config={"label_names": list(card["classes"])}, safe_serialization=True,
                         data_config=data_config)
             record = card | {"export": {"timm_preprocessing": {**data_config, "exact": not differences, "differences": differences}}}
+            record |= {"nonfinite": broken[str(member.run_dir)]} if str(member.run_dir) in broken else {}
             (tmp / "maskdist.json").write_text(json.dumps(record, indent=1))  # where it came from: the run's model card
             give_plain_modes(tmp)
             replace_dir(tmp, target)
@@ -226,11 +254,12 @@ def _document_input(path: Path, graph: EnsembleGraph) -> None:
 
 
 def export_onnx(sources: Sequence[str | os.PathLike], out: str | os.PathLike, tta: str = "none", weighting: str = "uniform",
-                decisions: str = "tuned", allow_unfinished: bool = False) -> dict:
-    """The ensemble of ``sources`` as one ONNX file ``out``; what it holds."""
-    ensemble, applied = _ensemble(sources, weighting, decisions, allow_unfinished)
+                decisions: str = "tuned", allow_unfinished: bool = False, allow_nonfinite: bool = False) -> dict:
+    """The ensemble of ``sources`` as one ONNX file ``out``; what it holds (``nonfinite``: the
+    models with non-finite weights or output, exported only when ``allow_nonfinite``)."""
+    ensemble, applied, broken = _ensemble(sources, weighting, decisions, allow_unfinished, allow_nonfinite)
     graph = EnsembleGraph(ensemble, tta, applied.class_weights)
     out = write_onnx(graph, out)
     return {"out": str(out), "models": len(ensemble.members), "resize": graph.resize, "crop": graph.crop, "tta": tta,
             "decisions": applied.name, "face_crop": face_crop.policy_of(ensemble.groups[0].card),
-            "members": [str(m.run_dir) for m in ensemble.members]}
+            "members": [str(m.run_dir) for m in ensemble.members], "nonfinite": broken}

@@ -21,7 +21,7 @@ import pandas as pd
 from maskdist import metrics
 from maskdist.data import labels
 from maskdist.errors import MaskdistError
-from maskdist.infer import decisions
+from maskdist.infer import decisions, finite
 from maskdist.infer.members import FULL_DATA, FoldRun, find_members, mixed_plans, unfinished
 from maskdist.system.fileio import atomic_write_json
 from maskdist.train.checkpoint import MODEL_JSON, OOF
@@ -44,6 +44,7 @@ class OofSet:
     per_fold: dict = field(default_factory=dict)  # experiment index -> fold -> Scores of that fold's rows
     fold_sets: np.ndarray | None = None  # rows x experiments: each experiment's validation fold of each row
     train_labels: np.ndarray | None = None  # rows x experiments: each experiment's training labels
+    nonfinite: list = field(default_factory=list)  # (key, why): rows left out, their probabilities not finite
 
     @property
     def unfinished(self) -> list[str]:
@@ -61,21 +62,40 @@ def _read(run: FoldRun) -> pd.DataFrame:
     return frame
 
 
-def load_oof(sources: Sequence[str | os.PathLike], allow_unfinished: bool = False) -> OofSet:
-    """The OOF rows of every experiment of ``sources`` (see :func:`find_members`)."""
+def _nonfinite_rows(frames: list[pd.DataFrame], experiments: list[Path], allow: bool) -> tuple[np.ndarray, list]:
+    """Rows whose probabilities are not finite in some experiment's ``oof.csv`` (a fold trained
+    before validation refused such epochs): refused in one line unless ``allow``; then the
+    mask of rows to keep and each left-out row with why."""
+    bad = np.zeros(len(frames[0]), bool)
+    why: dict[str, list[str]] = {}
+    for experiment, frame in zip(experiments, frames):
+        rows = ~np.isfinite(frame[PROB_COLUMNS].to_numpy(np.float64)).all(axis=1)
+        for key, fold in zip(frame["key"][rows], frame["fold"][rows]):
+            why.setdefault(key, []).append(str(Path(experiment) / f"fold{fold}" / OOF))
+        bad |= rows
+    if bad.any() and not allow:
+        files = sorted({f for found in why.values() for f in found})
+        raise MaskdistError(f"non-finite probabilities (NaN or inf) in {', '.join(files)} for {int(bad.sum())} of {len(bad)} row(s)"
+                            f" (e.g. {', '.join(list(why)[:3])}): the fold's validation gave non-finite output; retrain it."
+                            f" {finite.ALLOW_OPTION} scores without these rows, naming them")
+    return ~bad, [(key, "non-finite probabilities in " + ", ".join(found)) for key, found in why.items()]
+
+
+def load_oof(sources: Sequence[str | os.PathLike], allow_unfinished: bool = False, allow_nonfinite: bool = False) -> OofSet:
+    """The OOF rows of every experiment of ``sources`` (see :func:`find_members`); rows with
+    non-finite probabilities are refused, or left out and named when ``allow_nonfinite``."""
     runs = find_members(sources, allow_unfinished)
     full = [str(r.run_dir) for r in runs if r.full_data]
     if full:
         raise MaskdistError(f"{', '.join(full)}: the full-data model has no out-of-fold predictions (nothing was held out);"
                             " pass the experiment folder for its folds' figures")
     experiments = list(dict.fromkeys(r.experiment for r in runs))
-    frames, per_fold = [], {}
-    for e, experiment in enumerate(experiments):
+    frames = []
+    for experiment in experiments:
         parts = [_read(r) for r in runs if r.experiment == experiment]
         frame = pd.concat(parts, ignore_index=True)
         if frame["key"].duplicated().any():
             raise MaskdistError(f"{experiment}: a sample appears in two folds' oof.csv: the folds come from different shard sets")
-        per_fold[e] = {int(p["fold"].iloc[0]): metrics.score(p["label_true"], p["pred"]) for p in parts if len(p)}
         frames.append(frame.sort_values("key").reset_index(drop=True))
     first = frames[0]
     for experiment, frame in zip(experiments[1:], frames[1:]):
@@ -85,22 +105,29 @@ def load_oof(sources: Sequence[str | os.PathLike], allow_unfinished: bool = Fals
         if not (frame["label_true"].to_numpy() == first["label_true"].to_numpy()).all():
             raise MaskdistError(f"{experiment} and {experiments[0]} disagree on the labels of the same images:"
                                 " train them on one shard set (same label fixes)")
+    keep, nonfinite = _nonfinite_rows(frames, experiments, allow_nonfinite)
+    frames = [f[keep].reset_index(drop=True) for f in frames]
+    per_fold = {e: {int(fold): metrics.score(rows["label_true"], rows["pred"]) for fold, rows in frame.groupby("fold")}
+                for e, frame in enumerate(frames)}
+    first = frames[0]
     probs = np.stack([f[PROB_COLUMNS].to_numpy(np.float64) for f in frames], axis=1)
     preds = np.stack([f["pred"].to_numpy(np.int64) for f in frames], axis=1)
     return OofSet(first["key"].to_numpy(), first["fold"].to_numpy(np.int64), first["label_true"].to_numpy(np.int64),
                   first["label"].to_numpy(np.int64), probs, preds, experiments, runs, per_fold,
-                  np.stack([f["fold"].to_numpy(np.int64) for f in frames], axis=1),
-                  np.stack([f["label"].to_numpy(np.int64) for f in frames], axis=1))
+                  fold_sets=np.stack([f["fold"].to_numpy(np.int64) for f in frames], axis=1),
+                  train_labels=np.stack([f["label"].to_numpy(np.int64) for f in frames], axis=1), nonfinite=nonfinite)
 
 
-def oof_scores(experiment: str | os.PathLike | Sequence[str | os.PathLike], allow_unfinished: bool = False) -> dict:
+def oof_scores(experiment: str | os.PathLike | Sequence[str | os.PathLike], allow_unfinished: bool = False,
+               allow_nonfinite: bool = False) -> dict:
     """Macro F1 of each fold's rows and of all OOF rows together (the first experiment's;
     with several experiments also their equal-weight blend, ``blend``)."""
     sources = [experiment] if isinstance(experiment, (str, os.PathLike)) else list(experiment)
-    oof = load_oof(sources, allow_unfinished)
+    oof = load_oof(sources, allow_unfinished, allow_nonfinite)
     scores = [metrics.score(oof.label_true, oof.preds[:, e]) for e in range(len(oof.experiments))]
     result = {"folds": oof.per_fold[0], "oof": scores[0], "samples": len(oof.keys), "unfinished": oof.unfinished,
               "mixed_plans": mixed_plans(oof.runs),
+              "nonfinite": [{"key": k, "why": why} for k, why in oof.nonfinite],
               "ignored": [f"{p / FULL_DATA}: the full-data model has no out-of-fold rows, so these figures leave it out"
                           for p in map(Path, sources) if (p / FULL_DATA / MODEL_JSON).is_file()]}
     if len(oof.experiments) > 1:
@@ -110,11 +137,11 @@ def oof_scores(experiment: str | os.PathLike | Sequence[str | os.PathLike], allo
 
 
 def tune_decisions(sources: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, force: bool = False,
-                   allow_unfinished: bool = False) -> dict:
+                   allow_unfinished: bool = False, allow_nonfinite: bool = False) -> dict:
     """Tune experiment and class weights on the OOF rows, compute the nested figure, and
     write the decisions file (default: :func:`decisions.default_path`). A nested gain that is
     not positive is refused unless ``force``. Returns what was written."""
-    oof = load_oof(sources, allow_unfinished)
+    oof = load_oof(sources, allow_unfinished, allow_nonfinite)
     started = time.perf_counter()
     tuned = decisions.tune(oof.probs, oof.label_true)
     seconds = time.perf_counter() - started

@@ -21,7 +21,7 @@ import pandas as pd
 from maskdist import streams
 from maskdist.data import layout
 from maskdist.errors import MaskdistError
-from maskdist.infer import decisions as decisions_mod
+from maskdist.infer import decisions as decisions_mod, finite
 from maskdist.infer.ensemble import Ensemble, InputGroup, check_full_weight, folder_loader, load_ensemble, mix, pin_memory, vote
 from maskdist.infer.members import FoldRun, find_members, mixed_plans, trained_precision, unfinished, unnamed_full_data
 from maskdist.infer.scoring import FULL_DATA_FOLD
@@ -167,8 +167,11 @@ def predict(
     decisions: str = "tuned",
     allow_unfinished: bool = False,
     full_weight: float | None = None,
+    allow_nonfinite: bool = False,
 ) -> dict:
     """Write ``out`` (the submission), its ``.probs.npz`` and its ``.predict.json``; return a summary.
+    A model with non-finite output stops it unless ``allow_nonfinite`` (then the images it could
+    not compute are voted by the other models and listed in the record; see :mod:`maskdist.infer.finite`).
 
     ``decisions``: ``tuned`` (the experiment's tuned decisions when it has them, else the
     argmax), ``argmax``, or a decisions file. ``precision``: ``auto`` takes the folds'.
@@ -190,8 +193,14 @@ def predict(
     if votes.failed:
         listed = "; ".join(f"{k}: {why}" for k, why in votes.failed[:5])
         raise MaskdistError(f"{len(votes.failed)} eval image(s) could not be read ({listed}): fix or replace them; no submission written")
-    missing = [k for k in eval_set.keys if k not in votes.probs]
-    if missing or len(votes.probs) != len(eval_set.keys):
+    nonfinite = finite.find(ensemble, votes).renamed(dict(zip(eval_set.keys, eval_set.info["ImageID"])))
+    finite.check(nonfinite, len(eval_set.keys), allow_nonfinite, "eval image(s)",
+                 "these images voted by the other models and listed in the record")
+    if nonfinite.unanswered:
+        raise MaskdistError(f"{len(nonfinite.unanswered)} eval image(s) got no finite output from any model (e.g."
+                            f" {nonfinite.unanswered[:3]}): a submission needs an answer for each; no submission written")
+    missing = [k for k in eval_set.keys if k not in votes.probs and k not in votes.nonfinite]
+    if missing or len(votes.probs) + len(votes.nonfinite) != len(eval_set.keys):
         raise MaskdistError(f"{len(missing)} of {len(eval_set.keys)} eval images got no prediction (e.g. {missing[:3]}): no submission written")
     per_fold = votes.stacked(eval_set.keys)
     mixed = mix(ensemble, per_fold)
@@ -201,7 +210,9 @@ def predict(
     summary = {"images": len(eval_set.keys), "models": len(ensemble.members), "processes": accelerator.num_processes,
                "seconds": seconds, "images_per_s": len(eval_set.keys) / max(seconds, 1e-9), "out": str(out),
                "probs": str(probs_path(out)), "record": str(record_path(out)), "decisions": applied.name,
-               "precision": used_precision, "notes": notes, "unfinished": unfinished([m.run for m in ensemble.members])}
+               "precision": used_precision, "notes": notes, "unfinished": unfinished([m.run for m in ensemble.members]),
+               "nonfinite": nonfinite.to_dict(),
+               "nonfinite_lines": finite.warning_lines(nonfinite, len(eval_set.keys), str(record_path(out)), "eval image(s)")}
     if accelerator.is_main_process:
         write_submission(eval_set.info, answers, out)
         class_weights = applied.class_weights if applied.class_weights is not None else np.ones(mixed.shape[1])
@@ -212,7 +223,7 @@ def predict(
                                 decisions=np.array(applied.name), class_weights=class_weights.astype(np.float32),
                                 unfinished=np.array(summary["unfinished"], dtype=str))
         atomic_write_json(record_path(out), describe_ensemble(ensemble, applied, used_precision)
-                          | {"tta": tta, "weighting": weighting, "images": len(eval_set.keys)})
+                          | {"tta": tta, "weighting": weighting, "images": len(eval_set.keys), "nonfinite": nonfinite.to_dict()})
     accelerator.wait_for_everyone()
     return summary
 

@@ -3,7 +3,8 @@
 The recipe's outside images were mostly unmasked older people with the age in the file
 name, so the age can come from the name (``--age-from-filename``) while mask and gender come
 from the ensemble. Unsure images (ensemble confidence below ``min_confidence``) and
-unreadable files are dropped and counted.
+unreadable files are dropped and counted; a model with non-finite output stops it unless
+``--allow-nonfinite`` (:mod:`maskdist.infer.finite`), and the images it could not compute are named.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pandas as pd
 
 from maskdist.data import labels, layout
 from maskdist.errors import MaskdistError
+from maskdist.infer import finite
 from maskdist.infer.decisions import decide
 from maskdist.infer.ensemble import folder_loader, mix, pin_memory, vote
 from maskdist.infer.predict import prepare
@@ -38,6 +40,7 @@ class PseudoReport:
     out: str = ""
     decisions: str = "argmax"
     notes: list = field(default_factory=list)
+    nonfinite: finite.NonFinite = field(default_factory=finite.NonFinite)
 
     def describe(self) -> str:
         lines = [*self.notes, f"pseudo-labelled {self.labelled} of {self.images} images -> {self.out} (decisions: {self.decisions})",
@@ -47,6 +50,9 @@ class PseudoReport:
         lines += [f"    {path}: {why}" for path, why in self.unreadable[:10]]
         if self.age_from_name or self.age_not_in_name:
             lines.append(f"  age from the file name: {self.age_from_name}; name without an age (model's age group kept): {self.age_not_in_name}")
+        if self.nonfinite:
+            lines.append(f"  no finite output from any model, not labelled: {len(self.nonfinite.unanswered)}")
+            lines += finite.warning_lines(self.nonfinite, self.images, "the lines above", limit=len(self.nonfinite.rows))
         return "\n".join(lines)
 
 
@@ -100,6 +106,7 @@ def pseudo_label(
     part_confidence: dict[str, float] | None = None,
     decisions: str = "tuned",
     allow_unfinished: bool = False,
+    allow_nonfinite: bool = False,
 ) -> PseudoReport:
     """Label the images of ``images_dir`` with the ensemble; write ``out`` (an extra-data CSV).
 
@@ -134,8 +141,12 @@ def pseudo_label(
     votes = vote(ensemble, lambda group: folder_loader(keys, keys, group.folder_transform(), batch_size, accelerator.process_index,
                                                        accelerator.num_processes, workers, pin),
                  accelerator.device, "none", accelerator.autocast, accelerator)
-    predicted = {k: mix(ensemble, v[None])[0] for k, v in votes.probs.items()}
-    report = PseudoReport(images=len(images), unreadable=votes.failed, out=str(out), decisions=applied.name, notes=notes)
+    nonfinite = finite.find(ensemble, votes)
+    finite.check(nonfinite, len(images), allow_nonfinite)
+    unanswered = set(nonfinite.unanswered)  # named in the report, not labelled
+    predicted = {k: mix(ensemble, v[None])[0] for k, v in (votes.probs | votes.nonfinite).items() if k not in unanswered}
+    report = PseudoReport(images=len(images), unreadable=votes.failed, out=str(out), decisions=applied.name, notes=notes,
+                          nonfinite=nonfinite)
     weights = applied.class_weights if applied.class_weights is not None else np.ones(labels.NUM_CLASSES)
 
     records = []

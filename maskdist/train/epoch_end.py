@@ -13,7 +13,7 @@ from maskdist.train import checkpoint, monitor
 from maskdist.train.checkpoint import OOF
 from maskdist.train.meters import EpochTally, mean_over_ranks
 from maskdist.train.run import Run
-from maskdist.train.validation import oof_frame, sync_buffers, validate
+from maskdist.train.validation import NONFINITE_CAUSES, nonfinite_rows, oof_frame, sync_buffers, validate
 
 
 def epoch_figures(run: Run, epoch: int, tally: EpochTally, skipped_history: dict) -> dict:
@@ -42,15 +42,27 @@ def finish_epoch(run: Run, epoch: int, tally: EpochTally, best: dict, skipped_hi
 
     sync_buffers(run)
     validated = validate(run, epoch)
+    # Weights whose logits are not finite on some sample are no candidate for best: their F1
+    # counts those samples as class 0, and their answers cannot be trusted.
+    nonfinite = {name: nonfinite_rows(predictions) for name, (predictions, _scores) in validated.items()}
+    candidates = [name for name in validated if not nonfinite[name]] or list(validated)
     # The better of the live and the EMA weights is this epoch's candidate for best.
-    weights = max(validated, key=lambda name: validated[name][1].macro_f1)
+    weights = max(candidates, key=lambda name: validated[name][1].macro_f1)
     predictions, scores = validated[weights]
-    improved = scores.macro_f1 > best["macro_f1"]
+    improved = scores.macro_f1 > best["macro_f1"] and not nonfinite[weights]
+    history = dict(best.get("nonfinite", {}))  # epoch -> samples with non-finite logits, per weights
+    if any(nonfinite.values()):
+        history[str(epoch)] = {"samples": scores.samples} | {name: n for name, n in nonfinite.items() if n}
     if run.main:
         live = validated["live"][1]
-        logged = monitor.score_scalars(live) | monitor.scalars(figures["scalars"])
+        logged = monitor.score_scalars(live) | monitor.scalars(figures["scalars"]) | {"val/nonfinite_samples": nonfinite["live"]}
         if "ema" in validated:
-            logged |= monitor.score_scalars(validated["ema"][1], prefix="val_ema")
+            logged |= monitor.score_scalars(validated["ema"][1], prefix="val_ema") | {"val_ema/nonfinite_samples": nonfinite["ema"]}
+        if any(nonfinite.values()):
+            counts = ", ".join(f"{n} of {validated[name][1].samples} samples with the {name} weights" for name, n in nonfinite.items() if n)
+            what = "the epoch is not a candidate for best" if nonfinite[weights] else "those weights are not a candidate for best"
+            accelerator.print(f"warning: epoch {epoch}: non-finite validation logits (NaN or inf) on {counts}: {what}"
+                              f" (likely causes: {NONFINITE_CAUSES})")
         accelerator.log(logged, step=epoch_end_step)
         run.writer.add_image("val/confusion", monitor.confusion_image(scores.confusion), epoch_end_step, dataformats="HWC")
         accelerator.print(
@@ -64,9 +76,13 @@ def finish_epoch(run: Run, epoch: int, tally: EpochTally, best: dict, skipped_hi
         if improved:
             best = {"macro_f1": scores.macro_f1, "epoch": epoch, "weights": weights, "part_f1": scores.part_f1,
                     "per_class_f1": scores.per_class_f1, "accuracy": scores.accuracy, "samples": scores.samples}
-            save_model(run, cfg.fold_number, epoch, best, skipped_history, confusion=scores.confusion)
+            save_model(run, cfg.fold_number, epoch, best, skipped_history, confusion=scores.confusion, nonfinite_validation=history)
             with atomic_path(run.run_dir / OOF) as tmp:
                 oof_frame(predictions, cfg.fold_number).to_csv(tmp, index=False, float_format="%.6g")
+        elif history != best.get("nonfinite", {}):
+            checkpoint.update_card(run.run_dir, {"nonfinite_validation": history})  # once a best model has a card
+        if history:
+            best = best | {"nonfinite": history}  # kept in the resumable state, for the card of a later best
     return distributed.gather_rows([best], accelerator)[0]  # every rank agrees on the best (rank 0's)
 
 
@@ -74,7 +90,8 @@ def save_model(run: Run, fold, epoch: int, best: dict, skipped_history: dict, **
     """Save the model of ``best`` (the weights it names: ``live`` or ``ema``) with its card;
     ``entries`` are added to the card."""
     cfg = run.cfg
-    card = checkpoint.model_card(cfg.model, cfg.resize, cfg.crop, run.mean, run.std, run.shard_set.age_cut, fold, epoch, best,
+    metrics = {k: v for k, v in best.items() if k != "nonfinite"}  # the card's own entry holds that
+    card = checkpoint.model_card(cfg.model, cfg.resize, cfg.crop, run.mean, run.std, run.shard_set.age_cut, fold, epoch, metrics,
                                  cfg.drop_rate, heads=cfg.heads, pretrained=run.pretrained)
     card |= face_crop.card_entry(run.shard_set.manifest)  # the shards' crop, for predict to repeat
     card.update(weights=best["weights"],  # live or ema: which weights best.safetensors holds

@@ -45,6 +45,7 @@ from maskdist.train.preemption import Preempted, Preemption
 from maskdist.train.resume import stop_after_failure
 from maskdist.train.run import make_accelerator, open_batch_log, setup
 from maskdist.train.state import checksum, epoch_done, load_ema, save_state
+from maskdist.train.validation import nonfinite_stop
 
 LAUNCHER_GRACE_S = 120  # what a rank whose launcher died has to save before it exits anyway
 
@@ -236,6 +237,8 @@ def _train_in(cfg: config_mod.TrainConfig, accelerator, start, epochs_source: di
             if decision.stop and epoch < cfg.epochs - 1:
                 raise Preempted(f"stopped on {decision.signal_name} after epoch {epoch} with its state saved:"
                                 " `--resume` continues with the next epoch")
+        if not cfg.full_data and best["epoch"] < 0:  # no epoch gave finite validation logits
+            raise MaskdistError(nonfinite_stop(cfg.fold))
     finally:
         preemption.close(restore_handlers=sys.exc_info()[0] is None)
         run.close()

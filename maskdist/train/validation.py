@@ -46,6 +46,22 @@ def oof_frame(predictions: pd.DataFrame, fold: int) -> pd.DataFrame:
     return out
 
 
+def nonfinite_rows(predictions: pd.DataFrame) -> int:
+    """Samples whose probabilities are not finite: the model's logits were NaN or inf on them."""
+    probs = np.stack(predictions["probs"].to_numpy()) if len(predictions) else np.zeros((0, labels.NUM_CLASSES))
+    return int((~np.isfinite(probs).all(axis=1)).sum())
+
+
+NONFINITE_CAUSES = ("a learning rate too high (--lr), fp16 overflow (--precision bf16 or no) or broken pretrained weights"
+                    " (--pretrained)")
+
+
+def nonfinite_stop(fold) -> str:
+    """Why a run whose every epoch gave non-finite validation logits ends without a model."""
+    return (f"fold {fold}: every epoch's validation gave non-finite logits (NaN or inf), so there is no best model to save;"
+            f" likely causes: {NONFINITE_CAUSES}; change one and train the fold again with --overwrite")
+
+
 def sync_buffers(run: Run) -> None:
     """Average the floating-point buffers (BatchNorm statistics) of the live model and of the
     EMA over the ranks, as timm's ``distribute_bn`` does at each epoch's end.
