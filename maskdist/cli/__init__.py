@@ -4,10 +4,11 @@
 module      commands
 =========== ==================================================================
 ``base``    the group: one-line errors (exit 2), the preemption exit status
+``usage``   the commands' argument checks, made before torch loads
 ``data``    ``synth``, ``layout``, ``shards build|inspect|verify``
 ``train``   ``train``, ``kfold``, ``demo``, ``weights fetch|list``
 ``infer``   ``predict``, ``score``, ``oof``, ``pseudo-label``, ``classify``, ``export``
-``bench``   ``bench loader|train|epoch|predict|onnx|memory|options``
+``bench``   ``bench loader|train|epoch|predict|onnx|memory|options|cli``
 =========== ==================================================================
 """
 from maskdist.cli import bench, data, infer, train  # noqa: F401  (each module adds its commands to main)

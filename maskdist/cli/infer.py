@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from maskdist.cli import usage
 from maskdist.cli.base import main
 
 # --- predict, score, oof, audit, pseudo-label (maskdist.infer) ---------------------------
@@ -60,6 +61,11 @@ def predict(runs, shards, eval_dir, info_csv, out, weighting, decisions, tta, ba
     """
     from maskdist.system import parallel
 
+    usage.check_eval_source(shards, eval_dir)
+    usage.check_runs(runs)
+    if info_csv is not None:
+        usage.check_inputs([info_csv], "--info")
+
     if workers > 0:
         parallel.start_forkserver()
     from maskdist.infer import predict as predict_api
@@ -83,6 +89,7 @@ def score(submission, answers, as_json):
     """Macro F1, per-class and part F1, and the confusion matrix of a submission."""
     import json
 
+    usage.check_inputs([submission, answers], "file")
     from maskdist.infer import scoring
 
     scores = scoring.score_submission(submission, answers)
@@ -106,6 +113,7 @@ def oof(experiments, tune, out, force, allow_unfinished, as_json):
     --tune, decisions tuned for macro F1 on them."""
     import json
 
+    usage.check_runs(experiments)
     from maskdist.infer import oof as oof_api, scoring
 
     result = oof_api.oof_scores(list(experiments), allow_unfinished)
@@ -147,6 +155,9 @@ def oof(experiments, tune, out, force, allow_unfinished, as_json):
 def audit(experiments, out, shards, people, min_evidence, truth, allow_unfinished):
     """Rank label suspects (per image and per person) from the OOF predictions; write a CSV, a
     contact sheet PNG of the suspects' photos and a fixes file for `shards build --fixes`."""
+    usage.check_runs(experiments)
+    if truth is not None:
+        usage.check_inputs([truth], "--truth")
     from maskdist.infer import audit as audit_api
     from maskdist.infer.pseudo import parse_part_confidence
 
@@ -174,6 +185,8 @@ def pseudo_label(runs, images_dir, out, min_confidence, age_from_filename, decis
     """Label outside images with the ensemble; the CSV feeds `shards build --extra`.
 
     RUNS: one or more experiment folders (or fold run folders), then IMAGES_DIR."""
+    usage.check_runs(runs)
+    usage.check_inputs([images_dir], "IMAGES_DIR")
     from maskdist.infer import pseudo
 
     report = pseudo.pseudo_label(list(runs), images_dir, out, min_confidence, age_from_filename, batch_size, workers,
@@ -196,6 +209,8 @@ def classify(runs, inputs, out, weighting, decisions, tta, batch_size, workers, 
     Unreadable files are named and skipped."""
     from maskdist.system import parallel
 
+    usage.check_inputs(inputs, "photo or folder")
+    usage.check_runs([runs])
     if workers > 0:
         parallel.start_forkserver()
     from maskdist.infer import classify as classify_api
@@ -221,6 +236,9 @@ def export(runs, fmt, out, tta, weighting, decisions, allow_unfinished):
     """Fold models out of RUNS: timm's hub layout, or one ONNX graph of the ensemble.
 
     RUNS: experiment folders (all of their fold<K>) or fold run folders."""
+    usage.check_runs(runs)
+    if fmt == "onnx":
+        usage.require_extra("onnx", "export --format onnx")
     from maskdist.infer import export as export_api
 
     if fmt == "timm":

@@ -114,7 +114,7 @@ def _train(cfg: config_mod.TrainConfig) -> dict:
             accelerator.print(start.message)
         if start.nothing_to_do:
             return start.best or {}
-        return _train_in(cfg, accelerator, start, epochs_source, tracker_names)
+        return _train_in(cfg, accelerator, folder, start, epochs_source, tracker_names)
 
 
 def _resume_point(run, trainer: dict) -> tuple[int, int, EpochTally]:
@@ -135,13 +135,14 @@ def _resume_point(run, trainer: dict) -> tuple[int, int, EpochTally]:
     return trainer["epoch"], 0, EpochTally()
 
 
-def _train_in(cfg: config_mod.TrainConfig, accelerator, start, epochs_source: dict | None = None,
+def _train_in(cfg: config_mod.TrainConfig, accelerator, folder: FoldFolder, start, epochs_source: dict | None = None,
               tracker_names: list[str] | None = None) -> dict:
     run_dir = cfg.run_dir()
     run = setup(cfg, accelerator=accelerator)
     main = run.main
     rank, world, steps = accelerator.process_index, accelerator.num_processes, run.steps_per_epoch
     try:
+        folder.begin(start)  # the run has its data and model: only now does it write into the experiment
         start_epoch, start_step, best = 0, 0, {"macro_f1": -1.0, "epoch": -1}
         tally, skipped_history, resumed = EpochTally(), {}, None
         if start.state_dir is not None:
