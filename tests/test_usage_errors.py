@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, launch_env
+from conftest import REPO, free_port, launch_env
 
 from maskdist import config as config_mod
 from maskdist.bench import cli as bench_cli
@@ -124,3 +124,63 @@ def test_onnx_export_without_the_onnx_extra_is_one_line(tmp_path):
                           env=launch_env(tmp_path), capture_output=True, text=True, cwd=REPO)
     assert "[onnx] extra" in _one_line_error(done) and "pip install 'maskdist[onnx]'" in done.stderr
     assert not (tmp_path / "m.onnx").exists()
+
+
+WRITE_UNTIL_FULL = """
+import sys
+import time
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+if sys.argv[2] == "quiet":
+    from maskdist.system.writer_threads import quiet_disk_full_in_writers
+    quiet_disk_full_in_writers()
+writer = EventFileWriter(sys.argv[1], flush_secs=0.05)
+try:
+    for _ in range(200):
+        writer.add_event(Event(file_version="x" * 20000))  # the writer thread writes; this raises what it met
+        time.sleep(0.02)  # the thread's turn
+    print("never full")
+except OSError as err:
+    print(f"main thread: errno {err.errno}")
+"""
+
+
+@pytest.mark.duration(8)
+def test_a_full_disk_in_tensorboards_writer_thread_prints_no_traceback(tmp_path):
+    """A real 64 KiB tmpfs (mounting needs root: skipped otherwise) filled by TensorBoard's own writer thread."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        runs = {}
+        for mode in ("plain", "quiet"):
+            folder = disk / mode
+            folder.mkdir()
+            runs[mode] = subprocess.run([sys.executable, "-c", WRITE_UNTIL_FULL, str(folder), mode], env=launch_env(tmp_path),
+                                        capture_output=True, text=True, timeout=120)
+            for f in folder.iterdir():
+                f.unlink()
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    for mode, done in runs.items():
+        assert "main thread: errno 28" in done.stdout, (mode, done.stdout, done.stderr[-2000:])
+    assert "Exception in thread" in runs["plain"].stderr  # what the hook is for: the thread tells it too
+    assert "Traceback" not in runs["quiet"].stderr and "Exception in thread" not in runs["quiet"].stderr, runs["quiet"].stderr
+
+
+@pytest.mark.duration(20)
+def test_a_gpu_launch_on_a_machine_without_gpus_says_so_once(small_shards, tmp_path):
+    """accelerate's multi-GPU launcher, 2 processes, no GPU visible and no ACCELERATE_USE_CPU: the
+    first rank says it in one line, the other ends with the same status in silence (the
+    launcher's own report of a failed child follows: it is accelerate's, not maskdist's)."""
+    env = launch_env(tmp_path) | {"CUDA_VISIBLE_DEVICES": ""}
+    env.pop("ACCELERATE_USE_CPU")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "-m", "maskdist", "train", "--shards", str(small_shards), "--out", str(tmp_path / "runs")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode != 0
+    said = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(said) == 1 and "0 GPU(s)" in said[0] and "ACCELERATE_USE_CPU=1" in said[0], done.stderr[-3000:]
+    assert not (tmp_path / "runs").exists()

@@ -61,6 +61,7 @@ def predict(runs, shards, eval_dir, info_csv, out, weighting, decisions, tta, ba
     """
     from maskdist.system import parallel
 
+    usage.check_launch_devices()
     usage.check_eval_source(shards, eval_dir)
     usage.check_runs(runs)
     if info_csv is not None:

@@ -18,6 +18,14 @@ from pathlib import Path
 from maskdist import config as config_mod
 from maskdist.errors import MaskdistError
 
+
+class LaunchMismatch(MaskdistError):
+    """The launch asked for more GPUs than the machine has: every rank finds the same, so the
+    first rank of each machine says it (:class:`maskdist.cli.base.Group`)."""
+
+    once_per_machine = True
+
+
 # The extras of setup.cfg and a module each provides.
 EXTRAS = {"onnx": ("onnx", "onnxruntime")}
 
@@ -36,6 +44,7 @@ def check_train(cfg: config_mod.TrainConfig) -> None:
     from maskdist.model import weights
     from maskdist.train import trackers
 
+    check_launch_devices()
     check_shard_set(cfg.shards, None if cfg.full_data else cfg.fold)
     if cfg.epochs_from and not Path(cfg.epochs_from).is_dir():
         raise MaskdistError(f"--epochs-from {cfg.epochs_from} not found: pass a k-fold experiment folder (holding fold0, fold1, ...)")
@@ -81,3 +90,20 @@ def check_eval_source(shards: str | None, eval_dir: str | os.PathLike | None) ->
         check_shard_set(shards)
     elif not Path(eval_dir).is_dir():
         raise MaskdistError(f"--eval-dir {eval_dir} not found: pass the competition eval folder (info.csv + images/)")
+
+
+def check_launch_devices() -> None:
+    """Under ``accelerate launch`` with a GPU config (not ``ACCELERATE_USE_CPU``), the machine has
+    a GPU for each of its processes: counted from the NVIDIA driver, without torch. Elsewhere
+    (one process, CPU launches, other GPU makers) nothing is checked here."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if local <= 1 or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or Path("/dev/kfd").exists():
+        return
+    gpus = len(list(Path("/proc/driver/nvidia/gpus").glob("*"))) if Path("/proc/driver/nvidia/gpus").is_dir() else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        gpus = min(gpus, len([d for d in visible.split(",") if d.strip()]))
+    if gpus < local:
+        raise LaunchMismatch(f"the launch starts {local} processes on this machine, one per GPU, but it has {gpus} GPU(s):"
+                             " pass --num_processes to match them, or launch on CPUs with ACCELERATE_USE_CPU=1 and"
+                             " --config_file launch/cpu_ddp.yaml")

@@ -29,7 +29,7 @@ import torch
 
 from maskdist import config as config_mod
 from maskdist.errors import MaskdistError
-from maskdist.system import distributed, parallel
+from maskdist.system import distributed, parallel, writer_threads
 from maskdist.system.fileio import disk_full, is_disk_full
 from maskdist.train import checkpoint, monitor, trackers
 from maskdist.train.checkpoint import TENSORBOARD, TRAINER_STATE
@@ -101,6 +101,7 @@ def _is_collective_failure(err: BaseException) -> bool:
 
 
 def _train(cfg: config_mod.TrainConfig) -> dict:
+    writer_threads.quiet_disk_full_in_writers()  # a full disk is told once, by train()'s one line
     cfg, epochs_source = resolve_epochs(cfg)  # --epochs-from: the folds' choice
     tracker_names = trackers.parse(cfg.log_with)  # on every rank, before any of them waits for another
     run_dir = cfg.run_dir()
