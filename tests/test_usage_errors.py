@@ -33,7 +33,7 @@ def test_every_usage_error_is_one_line_without_torch_and_writes_nothing(small_sh
                                 "manifest.json"))
     env = launch_env(tmp_path)
     for case in cases:
-        _seconds, done = bench_cli.run_case(case, env=env, python=WITHOUT_TORCH, cwd=tmp_path)
+        _times, done = bench_cli.run_case(case, env=env, python=WITHOUT_TORCH, cwd=tmp_path)
         assert case.says in _one_line_error(done), case.name
     assert not (tmp_path / "runs").exists()  # no experiment folder, fold folder, plan or lock
 

@@ -240,8 +240,10 @@ def bench_cli_cmd(shards, as_json):
         click.echo(json.dumps(rows))
     else:
         for row in rows:
-            click.echo(f"{row['seconds']:6.2f} s  {row['case']}{'' if row['ok'] else '  (NOT a one-line usage error: ' + row['error'][:200] + ')'}")
+            click.echo(f"{row['seconds']:6.2f} s (CPU {row['cpu_s']:.2f} s)  {row['case']}"
+                       + ("" if row["ok"] else f"  (NOT a one-line usage error: {row['error'][:200]})"))
         slowest = rows[0]
-        click.echo(f"slowest: {slowest['case']}, {slowest['seconds']:.2f} s; {sum(r['ok'] for r in rows)}/{len(rows)} one-line usage errors")
+        click.echo(f"slowest: {slowest['case']}, {slowest['seconds']:.2f} s (CPU {slowest['cpu_s']:.2f} s);"
+                   f" {sum(r['ok'] for r in rows)}/{len(rows)} one-line usage errors")
     if not all(row["ok"] for row in rows):
         sys.exit(1)
