@@ -20,7 +20,6 @@ from maskdist.train import checkpoint, monitor
 from maskdist.train.epoch_end import epoch_figures, save_model
 from maskdist.train.meters import EpochTally
 from maskdist.train.run import Run
-from maskdist.train.run_folder import experiment_runs
 from maskdist.train.state import fold_finished
 from maskdist.train.validation import sync_buffers
 
@@ -30,7 +29,7 @@ def epochs_from(experiment: str | Path) -> tuple[int, dict]:
     folds, as an epoch count (best epoch 4, the fifth, is 5 epochs; a median between two
     counts rounds up)."""
     experiment = Path(experiment)
-    runs = experiment_runs(experiment)
+    runs = sorted(p for p in experiment.glob("fold*") if p.name[4:].isdigit())
     finished = [run for run in runs if fold_finished(run)]
     left = [run.name for run in runs if run not in finished]
     if not finished or left:
