@@ -62,8 +62,7 @@ def parse(log_with: str) -> list[str]:
     return [n for n in names if n != TENSORBOARD]
 
 
-MLFLOW_STORE_HELP = ("a server (MLFLOW_TRACKING_URI=http://HOST:5000), a database (sqlite:///mlflow.db) or a folder"
-                     " (file:PATH with MLFLOW_ALLOW_FILE_STORE=true); see docs/monitoring.md")
+MLFLOW_STORE_HELP = "a server (http://HOST:5000), or a folder (file:PATH) with MLFLOW_ALLOW_FILE_STORE=true; see docs/monitoring.md"
 
 
 def _check_mlflow_store() -> None:
@@ -81,7 +80,7 @@ def _check_mlflow_store() -> None:
     allowed = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() in ("true", "1")
     if is_folder and not allowed:
         raise MaskdistError(f"--log-with mlflow: MLFLOW_TRACKING_URI={uri} is a folder, which MLflow {major} uses only with"
-                            " MLFLOW_ALLOW_FILE_STORE=true: set it, or use a server or a database (sqlite:///mlflow.db)")
+                            " MLFLOW_ALLOW_FILE_STORE=true: set it, or log to a server (http://HOST:5000)")
 
 
 def _mlflow_major() -> int | None:
