@@ -156,6 +156,20 @@ class TrainConfig:
         for name in not_negative:
             if getattr(self, name) < 0:
                 raise MaskdistError(f"--{_flag(name)} must be 0 or more (got {getattr(self, name)})")
+        # The optimiser's and the loss's numbers: torch would refuse some of these only once the
+        # model is built (and name the lr scaled to the global batch), and take the others silently.
+        if self.lr <= 0:
+            raise MaskdistError(f"--lr must be positive (got {self.lr})")
+        if not 0.0 <= self.min_lr <= self.lr:
+            raise MaskdistError(f"--min-lr must be 0 or more and at most --lr {self.lr} (got {self.min_lr})")
+        for name in ("weight_decay", "gamma", "warmup_epochs", "restart_epochs", "clip_grad", "alpha"):
+            if getattr(self, name) < 0:
+                raise MaskdistError(f"--{_flag(name)} must be 0 or more (got {getattr(self, name)})")
+        for name in ("momentum", "label_smoothing", "drop_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise MaskdistError(f"--{_flag(name)} must be in [0, 1) (got {getattr(self, name)})")
+        if self.restart_mult < 1:
+            raise MaskdistError(f"--restart-mult must be 1 or more (got {self.restart_mult})")
         if self.val_workers < -1:
             raise MaskdistError(f"--val-workers must be -1 (auto), 0 or more (got {self.val_workers})")
         if not 0.0 <= self.f1_weight <= 1.0 or not 0.0 <= self.ema_decay < 1.0 or not 0.0 <= self.drop_path < 1.0:

@@ -6,6 +6,7 @@ module per stage of the flow.
 """
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 
@@ -39,7 +40,8 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except MaskdistError as err:
-            click.echo(f"error: {err}", err=True)
+            if not getattr(err, "once_per_machine", False) or int(os.environ.get("LOCAL_RANK", "0") or 0) == 0:
+                click.echo(f"error: {err}", err=True)
             sys.exit(getattr(err, "exit_code", 2))  # 2, or its own (a dead loader worker: 71)
         except Preempted as stopped:
             click.echo(str(stopped), err=True)

@@ -250,3 +250,28 @@ def bench_compare_cmd(rows, resamples, repeats, people, calibration_resamples, a
                f" {speed['resamples']} resamples: {speed['seconds']:.2f} s (best of {len(speed['rounds'])})")
     if calibration is not None:
         click.echo(calibration.describe())
+
+
+@bench.command("cli")
+@click.argument("shards", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def bench_cli_cmd(shards, as_json):
+    """Time each command's usage error (a real process each), slowest first.
+
+    SHARDS: a shard set folder, for the mistakes checked against its manifest (a fold it lacks)."""
+    import json
+
+    from maskdist.bench import cli as bench_api
+
+    rows = bench_api.bench_cli(shards)
+    if as_json:
+        click.echo(json.dumps(rows))
+    else:
+        for row in rows:
+            click.echo(f"{row['seconds']:6.2f} s (CPU {row['cpu_s']:.2f} s)  {row['case']}"
+                       + ("" if row["ok"] else f"  (NOT a one-line usage error: {row['error'][:200]})"))
+        slowest = rows[0]
+        click.echo(f"slowest: {slowest['case']}, {slowest['seconds']:.2f} s (CPU {slowest['cpu_s']:.2f} s);"
+                   f" {sum(r['ok'] for r in rows)}/{len(rows)} one-line usage errors")
+    if not all(row["ok"] for row in rows):
+        sys.exit(1)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from maskdist.cli import usage
 from maskdist.cli.base import main
 from maskdist.errors import plural, rate
 
@@ -64,6 +65,12 @@ def predict(runs, shards, eval_dir, info_csv, out, weighting, decisions, tta, ba
     """
     from maskdist.system import parallel
 
+    usage.check_launch_devices()
+    usage.check_eval_source(shards, eval_dir)
+    usage.check_runs(runs)
+    if info_csv is not None:
+        usage.check_inputs([info_csv], "--info")
+
     if workers > 0:
         parallel.start_forkserver()
     from maskdist.infer import predict as predict_api
@@ -92,6 +99,7 @@ def score(submission, answers, as_json):
     """Macro F1, per-class and part F1, and the confusion matrix of a submission."""
     import json
 
+    usage.check_inputs([submission, answers], "file")
     from maskdist.infer import scoring
 
     scores = scoring.score_submission(submission, answers)
@@ -117,6 +125,7 @@ def oof(experiments, tune, out, force, allow_unfinished, allow_nonfinite, as_jso
     --tune, decisions tuned for macro F1 on them."""
     import json
 
+    usage.check_runs(experiments)
     from maskdist.infer import oof as oof_api, scoring
 
     result = oof_api.oof_scores(list(experiments), allow_unfinished, allow_nonfinite)
@@ -171,6 +180,8 @@ def compare(experiments, answers, submissions, resamples, seed, allow_unfinished
     same people)."""
     import json
 
+    usage.check_runs(experiments)
+    usage.check_inputs([p for p in [answers, *submissions] if p is not None], "file")
     from maskdist.infer import compare as compare_api
 
     result = compare_api.compare_experiments(list(experiments), resamples=resamples, seed=seed, answers=answers,
@@ -193,6 +204,9 @@ def audit(experiments, out, shards, people, min_evidence, truth, allow_unfinishe
 
     A kind of suspicion (gender, age, swap) is judged only when the models' OOF F1 of its part
     (gender, age, mask) reaches a floor (docs/kfold.md); weaker parts are named and give no fixes."""
+    usage.check_runs(experiments)
+    if truth is not None:
+        usage.check_inputs([truth], "--truth")
     from maskdist.infer import audit as audit_api
     from maskdist.infer.pseudo import parse_part_confidence
 
@@ -221,6 +235,8 @@ def pseudo_label(runs, images_dir, out, min_confidence, age_from_filename, decis
     """Label outside images with the ensemble; the CSV feeds `shards build --extra`.
 
     RUNS: one or more experiment folders (or fold run folders), then IMAGES_DIR."""
+    usage.check_runs(runs)
+    usage.check_inputs([images_dir], "IMAGES_DIR")
     from maskdist.infer import pseudo
 
     report = pseudo.pseudo_label(list(runs), images_dir, out, min_confidence, age_from_filename, batch_size, workers,
@@ -244,6 +260,8 @@ def classify(runs, inputs, out, weighting, decisions, tta, batch_size, workers, 
     Unreadable files are named and skipped."""
     from maskdist.system import parallel
 
+    usage.check_inputs(inputs, "photo or folder")
+    usage.check_runs([runs])
     if workers > 0:
         parallel.start_forkserver()
     from maskdist.infer import classify as classify_api
@@ -272,6 +290,9 @@ def export(runs, fmt, out, tta, weighting, decisions, allow_unfinished, allow_no
     """Fold models out of RUNS: timm's hub layout, or one ONNX graph of the ensemble.
 
     RUNS: experiment folders (all of their fold<K>) or fold run folders."""
+    usage.check_runs(runs)
+    if fmt == "onnx":
+        usage.require_extra("onnx", "export --format onnx")
     from maskdist.infer import export as export_api, members
 
     for note in members.unnamed_full_data(runs, members.find_members(runs, allow_unfinished=True), "is not exported"):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from maskdist.cli import usage
 from maskdist.cli.base import main
 
 
@@ -19,6 +20,8 @@ def report(runs, out, allow_unfinished):
     decisions and the label audit; several experiments are compared at the top.
 
     RUNS: experiment folders (their fold<K>). Pictures are inlined: no network at view time."""
+    usage.check_runs(runs)
+    usage.require_extra("report", "maskdist report")
     from maskdist.report.page import write_report
 
     started = time.perf_counter()

@@ -1,10 +1,12 @@
 """Commands that train: ``train`` (one fold; every flag from TrainConfig), ``kfold`` and ``demo``."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
 
+from maskdist.cli import usage
 from maskdist.cli.base import main
 from maskdist.errors import MaskdistError
 
@@ -53,7 +55,6 @@ class TrainCommand(click.Command):
 
 def _config_options(command):
     """One flag per TrainConfig field, in its group; unset flags stay None so YAML values are kept."""
-    import dataclasses
 
     from maskdist import config as config_mod
 
@@ -85,6 +86,7 @@ def train(config_file, print_config, **overrides):
     if print_config:
         click.echo(config_mod.to_yaml(cfg), nl=False)
         return
+    usage.check_train(cfg)  # before torch loads: a mistake is one line in a second
     if cfg.workers > 0:
         parallel.start_forkserver()
     from maskdist.train import loop as train_api
@@ -114,14 +116,16 @@ def kfold(ctx, shards, out, config_file, processes, cpu, parallel_folds, gpus, f
           answers, dry_run, full):
     """Train every fold, then predict with the ensemble. Extra options are `maskdist train`'s."""
     from maskdist import config as config_mod
-    from maskdist.infer import scoring
-    from maskdist.train import kfold as kfold_api
 
     # The extra options, parsed and checked by `train`'s own parser into typed overrides.
     overrides = train.make_context("train options", list(ctx.args), parent=ctx).params
     overrides.pop("config_file", None)
     overrides.pop("print_config", None)
     train_config = config_mod.load(config_file, dict(overrides, shards=shards, out=str(out)))
+    usage.check_train(dataclasses.replace(train_config, fold="all"))  # the folds are checked against the set by the plan
+    from maskdist.infer import scoring
+    from maskdist.train import kfold as kfold_api
+
     plan = kfold_api.KFoldPlan(
         shards=shards, out=out, train=train_config, processes=processes, cpu=cpu, parallel_folds=parallel_folds,
         gpus=[g for g in gpus.split(",") if g], folds=[int(f) for f in fold_list.split(",") if f] or None,

@@ -13,7 +13,6 @@ it has no out-of-fold rows, so an experiment folder means its folds alone.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +23,9 @@ from maskdist import config as config_mod
 from maskdist.errors import MaskdistError
 from maskdist.train import checkpoint
 from maskdist.train.folder import PLAN, read_plan
+from maskdist.train.run_folder import experiment_runs
 from maskdist.train.state import fold_finished, fold_status
 
-FOLD_DIR = re.compile(r"fold(\d+)")
 FULL_DATA = config_mod.FULL_DATA  # the full-data model's fold name and run folder (train --fold all)
 
 
@@ -57,16 +56,6 @@ def stop_point(run_dir: Path) -> str:
     """Where an unfinished fold stopped (``interrupted at epoch e step s of E epochs``,
     ``interrupted after epoch e ...``, or ``not trained``): :class:`FoldStatus`'s words."""
     return fold_status(Path(run_dir)).describe()
-
-
-def experiment_runs(root: Path) -> list[Path]:
-    """The fold run folders of an experiment folder, by fold number."""
-    if not root.is_dir():
-        raise MaskdistError(f"{root} not found: pass the experiment folder that holds fold0, fold1, ...")
-    runs = sorted((p for p in root.iterdir() if p.is_dir() and FOLD_DIR.fullmatch(p.name)), key=lambda p: int(p.name[4:]))
-    if not runs:
-        raise MaskdistError(f"{root} holds no fold<K> folders: train the folds first (maskdist kfold / maskdist train)")
-    return runs
 
 
 def _experiment(root: Path) -> list[FoldRun]:

@@ -86,19 +86,28 @@ def repo_of(spec: str, architecture: str) -> str | None:
     return None
 
 
+def local_file(spec: str, architecture: str) -> Path | None:
+    """The local weights file ``spec`` names, or None when it names none or a hub repo;
+    MaskdistError when that file is missing (checked before torch loads: maskdist.cli.usage)."""
+    if is_none(spec) or repo_of(spec, architecture) is not None:
+        return None
+    path = Path(spec)
+    if not path.is_file():
+        raise MaskdistError(f"pretrained weights {path} not found: pass a local .safetensors/.pth file of {architecture},"
+                            f" --pretrained {HUB} (timm's default weights through the Hugging Face cache), or {NONE}")
+    return path
+
+
 def resolve(spec: str, architecture: str, local_only: bool = False, verify: bool = True) -> Weights:
     """The weights ``spec`` names for ``architecture``, downloaded into the cache if need be
     (never with ``local_only`` or ``HF_HUB_OFFLINE=1``); ``verify``: check a cached file's
     sha256 (once per node is enough: the other processes of a node skip it)."""
     if is_none(spec):
         return Weights(None, {"source": NONE})
-    repo = repo_of(spec, architecture)
-    if repo is None:
-        path = Path(spec)
-        if not path.is_file():
-            raise MaskdistError(f"pretrained weights {path} not found: pass a local .safetensors/.pth file of {architecture},"
-                                f" --pretrained {HUB} (timm's default weights through the Hugging Face cache), or {NONE}")
+    path = local_file(spec, architecture)
+    if path is not None:
         return Weights(path, {"source": "file", "file": str(path), "sha256": sha256_file(path)})
+    repo = repo_of(spec, architecture)
     path = download(repo, architecture, local_only=local_only or offline(), verify=verify)
     revision = path.parent.name if path.parent.parent.name == "snapshots" else ""
     return Weights(path, {"source": "hf-hub", "repo_id": repo, "revision": revision, "file": path.name})

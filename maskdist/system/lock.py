@@ -122,14 +122,15 @@ class FolderLock:
         self.token = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._made_folder = False
+        self._made: list[Path] = []
 
     def acquire(self, wait_s: float = 0.0, allowed: set[str] | None = None) -> FolderLock:
         """Take the lock, waiting up to ``wait_s`` seconds for a live holder to finish (a
         requeued job whose previous incarnation is still saving); raises :class:`LockHeld`.
         A lock held under one of the ``allowed`` tokens (our parent's) blocks nothing."""
         allowed = allowed_tokens() if allowed is None else allowed
-        self._made_folder = not self.folder.exists()
+        # the folders this lock creates (the fold's, and the experiment's when it is new), innermost first
+        self._made = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
         self.folder.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + max(0.0, float(wait_s))
         me = os.getpid()
@@ -152,9 +153,7 @@ class FolderLock:
                 self._take_over(current)
                 continue
             if time.monotonic() >= deadline:
-                if self._made_folder:
-                    with contextlib.suppress(OSError):
-                        self.folder.rmdir()
+                self._remove_made()
                 raise LockHeld(_held_message(self.folder, current))
             time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
 
@@ -204,10 +203,16 @@ class FolderLock:
             holder, _ = read_holder(self.path)
             if holder is not None and holder.token == self.token:
                 self.path.unlink()
-        if self._made_folder:  # a run refused before it wrote anything leaves no empty folder behind
-            with contextlib.suppress(OSError):
-                self.folder.rmdir()
+        self._remove_made()  # a run refused before it wrote anything leaves no empty folder behind
         self.token = ""
+
+    def _remove_made(self) -> None:
+        """The folders this lock created, where they are still empty."""
+        for folder in self._made:
+            try:
+                folder.rmdir()
+            except OSError:
+                return  # not empty (the run wrote into it): it stays, and so do the folders above it
 
     def __enter__(self) -> FolderLock:
         return self

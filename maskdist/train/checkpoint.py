@@ -22,14 +22,8 @@ from torch import nn
 from maskdist.data import labels
 from maskdist.errors import MaskdistError
 from maskdist.system.fileio import atomic_path, atomic_write_json
+from maskdist.train.run_folder import CONFIG, MODEL_JSON, OOF, STATE, TENSORBOARD, TRAINER_STATE, WEIGHTS  # noqa: F401  (the names, kept importable from here)
 
-WEIGHTS = "best.safetensors"
-MODEL_JSON = "model.json"
-OOF = "oof.csv"
-CONFIG = "config.yaml"
-STATE = "state"
-TRAINER_STATE = "trainer.json"  # inside STATE: where the run stands (epoch, step, best, ...)
-TENSORBOARD = "tb"
 FORMAT = "maskdist-model"
 FORMAT_VERSION = 1
 

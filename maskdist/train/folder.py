@@ -23,6 +23,11 @@ shares (:func:`maskdist.config.training_settings`; the run-only ones may differ)
 run writes it; a later one with other settings is refused, listing them, unless
 ``--replan`` makes its settings the plan. Every launch appends its full configuration to
 ``launches.jsonl``, so nothing a fold ran under is lost.
+
+Deciding writes nothing: :meth:`FoldFolder.start` only checks, and :meth:`FoldFolder.begin`
+writes the plan, ``config.yaml`` and the launch record (and clears the folder for
+``--overwrite``) once the run has its data and model, so a run that cannot start (a fold
+the shard set lacks, weights that cannot be had) leaves the experiment as it found it.
 """
 from __future__ import annotations
 
@@ -45,7 +50,7 @@ from maskdist.system import distributed
 from maskdist.system.fileio import aside, atomic_write_text
 from maskdist.system.lock import LOCK_NAME, FolderLock, check_free
 from maskdist.train.checkpoint import CONFIG, STATE
-from maskdist.train.state import FoldStatus, choose_state, fold_status, load_trainer_state, read_config
+from maskdist.train.state import choose_state, fold_status, load_trainer_state, read_config
 
 PLAN = "experiment.yaml"  # OUT/experiment.yaml: the training settings every fold shares
 LAUNCHES = "launches.jsonl"  # OUT/fold<K>/launches.jsonl: one line per launch, with its whole configuration
@@ -60,6 +65,8 @@ class Start:
     nothing_to_do: bool = False  # --resume on a finished fold
     best: dict | None = None
     message: str = ""  # what to tell the user (main process)
+    clear: bool = False  # --overwrite: what the folder holds goes, once the run can start
+    write_plan: bool = False  # this run's settings become the experiment's plan, once it can start
 
 
 class FoldFolder:
@@ -113,6 +120,23 @@ class FoldFolder:
         """Decide, on the main process, what the run starts from; the same on every rank."""
         return Start(**distributed.on_main(self.accelerator, self._decide))
 
+    def begin(self, start: Start) -> None:
+        """Write what the decided start needs (main process), once the run has its data and
+        model: the folder cleared for --overwrite, the plan, config.yaml and the launch record."""
+        def write() -> None:
+            if start.write_plan:
+                write_plan(self.experiment, self.cfg)
+            if start.state_dir is not None:
+                self._record(resumed=True)
+                return
+            if start.clear:
+                self._clear()
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            config_mod.save(self.cfg, self.run_dir / CONFIG)
+            self._record(resumed=False)
+
+        distributed.on_main(self.accelerator, write)
+
     def _decide(self) -> dict:
         cfg, run_dir = self.cfg, self.run_dir
         status = fold_status(run_dir)
@@ -123,10 +147,9 @@ class FoldFolder:
                 raise MaskdistError(f"fold {cfg.fold} in {run_dir} ({status.describe()}) was started with other settings, and"
                                     f" --resume would change them: {'; '.join(changed)}; resume with the"
                                     " settings it started with (config.yaml), or pass --overwrite to start it again")
-        self._check_plan()
+        plan = dict(write_plan=self._check_plan())
         if status.state != "new" and cfg.overwrite:
-            self._clear()
-            status, message = FoldStatus("new"), f"{where}: starting it again (--overwrite)"
+            return dict(plan, clear=True, message=f"{where}: starting it again (--overwrite)")
         elif status.state == "new":
             message = f"nothing to resume in {run_dir}: training fold {cfg.fold} from the start" if cfg.resume else ""
         elif not cfg.resume:
@@ -137,24 +160,20 @@ class FoldFolder:
             return dict(nothing_to_do=True, best=trainer.get("best"), message=f"{where}: nothing to resume")
         else:
             state_dir, _trainer, warning = choose_state(run_dir)
-            self._record(resumed=True)
-            return dict(state_dir=str(state_dir), message=warning or "")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config_mod.save(cfg, run_dir / CONFIG)
-        self._record(resumed=False)
-        return dict(message=message)
+            return dict(plan, state_dir=str(state_dir), message=warning or "")
+        return dict(plan, message=message)
 
-    def _check_plan(self) -> None:
+    def _check_plan(self) -> bool:
         """The fold must train as the experiment's plan says; the full-data model too, but for
-        its number of epochs (cross-validation chooses it). The plan comes from the folds."""
+        its number of epochs (cross-validation chooses it). The plan comes from the folds:
+        True when this run's settings are to become it."""
         cfg, path = self.cfg, self.experiment / PLAN
         if path.is_file() and not cfg.replan:
             changed = config_mod.differences(read_config(path), cfg, ignore=("epochs",) if cfg.full_data else ())
             if changed:
                 raise MaskdistError(f"fold {cfg.fold} would train otherwise than the experiment's plan {path}: {'; '.join(changed)};"
                                     " use the plan's settings, or pass --replan to make these the plan")
-        elif not cfg.full_data and (not path.is_file() or cfg.replan):
-            write_plan(self.experiment, cfg)
+        return not cfg.full_data and (not path.is_file() or cfg.replan)
 
     def _clear(self) -> None:
         """Everything of the fold folder but its lock, for --overwrite."""

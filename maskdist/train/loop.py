@@ -31,7 +31,7 @@ import torch
 
 from maskdist import config as config_mod
 from maskdist.errors import MaskdistError, plural
-from maskdist.system import distributed, parallel
+from maskdist.system import distributed, parallel, writer_threads
 from maskdist.system.fileio import disk_full, is_disk_full
 from maskdist.system.worker_death import WorkerDied
 from maskdist.train import checkpoint, monitor, trackers
@@ -106,6 +106,7 @@ def _is_collective_failure(err: BaseException) -> bool:
 
 
 def _train(cfg: config_mod.TrainConfig) -> dict:
+    writer_threads.quiet_disk_full_in_writers()  # a full disk is told once, by train()'s one line
     cfg, epochs_source = resolve_epochs(cfg)  # --epochs-from: the folds' choice
     tracker_names = trackers.parse(cfg.log_with)  # on every rank, before any of them waits for another
     run_dir = cfg.run_dir()
@@ -118,7 +119,7 @@ def _train(cfg: config_mod.TrainConfig) -> dict:
             accelerator.print(start.message)
         if start.nothing_to_do:
             return start.best or {}
-        return _train_in(cfg, accelerator, start, epochs_source, tracker_names)
+        return _train_in(cfg, accelerator, folder, start, epochs_source, tracker_names)
 
 
 def lr_text(cfg: config_mod.TrainConfig, world: int, base_lr: float) -> str:
@@ -147,13 +148,14 @@ def _resume_point(run, trainer: dict) -> tuple[int, int, EpochTally]:
     return trainer["epoch"], 0, EpochTally()
 
 
-def _train_in(cfg: config_mod.TrainConfig, accelerator, start, epochs_source: dict | None = None,
+def _train_in(cfg: config_mod.TrainConfig, accelerator, folder: FoldFolder, start, epochs_source: dict | None = None,
               tracker_names: list[str] | None = None) -> dict:
     run_dir = cfg.run_dir()
     run = setup(cfg, accelerator=accelerator)
     main = run.main
     rank, world, steps = accelerator.process_index, accelerator.num_processes, run.steps_per_epoch
     try:
+        folder.begin(start)  # the run has its data and model: only now does it write into the experiment
         start_epoch, start_step, best = 0, 0, {"macro_f1": -1.0, "epoch": -1}
         tally, skipped_history, resumed = EpochTally(), {}, None
         if start.state_dir is not None:

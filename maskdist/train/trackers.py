@@ -24,22 +24,75 @@ RUN_NAME_ARGUMENT = {"mlflow": "run_name", "wandb": "name"}
 NAME_FIXES = {"mlflow": (("<", "lt"), (">", "gt"))}
 
 
+# The trackers accelerate knows (its LoggerType but "all"; a test keeps this list true), each
+# with the module that its package installs: checked without importing accelerate (torch).
+KNOWN = {"aim": "aim", "tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "comet_ml": "comet_ml",
+         "mlflow": "mlflow", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab"}
+
+
+def check_names(log_with: str) -> list[str]:
+    """The trackers ``--log-with`` names (TensorBoard too), each known, installed and given the
+    environment it needs; without torch (maskdist.cli.usage calls it before torch loads)."""
+    import importlib.util
+
+    names = list(dict.fromkeys(n.strip() for n in str(log_with).split(",") if n.strip()))
+    for name in names:
+        if name not in KNOWN:
+            raise MaskdistError(f"--log-with {name!r} is not a tracker accelerate knows: choose from {', '.join(KNOWN)}")
+        if importlib.util.find_spec(KNOWN[name]) is None:
+            raise MaskdistError(f"--log-with {name}: its package is not installed (pip install {name.replace('_', '-')})")
+    if "mlflow" in names:
+        _check_mlflow_store()
+    return names
+
+
 def parse(log_with: str) -> list[str]:
-    """The trackers ``--log-with`` names besides TensorBoard, checked (known, installed)."""
+    """The trackers ``--log-with`` names besides TensorBoard, checked (known, installed, their
+    environment, their server reachable)."""
     from accelerate.tracking import get_available_trackers
     from accelerate.utils import LoggerType
 
-    known = [t.value for t in LoggerType if t.value != "all"]
-    names = list(dict.fromkeys(n.strip() for n in str(log_with).split(",") if n.strip()))
+    names = check_names(log_with)
     available = {t.value if isinstance(t, LoggerType) else str(t) for t in get_available_trackers()}
     for name in names:
-        if name not in known:
-            raise MaskdistError(f"--log-with {name!r} is not a tracker accelerate knows: choose from {', '.join(known)}")
         if name not in available:
             raise MaskdistError(f"--log-with {name}: its package is not installed (pip install {name.replace('_', '-')})")
     for name in names:
         _check_server(name)
     return [n for n in names if n != TENSORBOARD]
+
+
+MLFLOW_STORE_HELP = "a server (http://HOST:5000), or a folder (file:PATH) with MLFLOW_ALLOW_FILE_STORE=true; see docs/monitoring.md"
+
+
+def _check_mlflow_store() -> None:
+    """MLflow 3 has no usable default store and refuses a folder unless told: both are said in
+    one line before training, not by its exception after the first epoch's TensorBoard files."""
+    import os
+
+    major = _mlflow_major()
+    if major is None or major < 3:
+        return  # MLflow 2 logs into ./mlruns by default
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if not uri:
+        raise MaskdistError(f"--log-with mlflow: set MLFLOW_TRACKING_URI to where runs go: {MLFLOW_STORE_HELP}")
+    is_folder = uri.startswith("file:") or "://" not in uri and not uri.startswith(("databricks", "sqlite:", "uc"))
+    allowed = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() in ("true", "1")
+    if is_folder and not allowed:
+        raise MaskdistError(f"--log-with mlflow: MLFLOW_TRACKING_URI={uri} is a folder, which MLflow {major} uses only with"
+                            " MLFLOW_ALLOW_FILE_STORE=true: set it, or log to a server (http://HOST:5000)")
+
+
+def _mlflow_major() -> int | None:
+    """The installed MLflow's major version (the full or the skinny package)."""
+    from importlib import metadata
+
+    for distribution in ("mlflow", "mlflow-skinny"):
+        try:
+            return int(metadata.version(distribution).split(".")[0])
+        except (metadata.PackageNotFoundError, ValueError):
+            continue
+    return None
 
 
 # Trackers that talk to a server named by an environment variable (a file store needs none).
