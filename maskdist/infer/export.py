@@ -17,6 +17,7 @@ probabilities (part heads as products), the weighted mean. Outputs: ``probs`` (N
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import warnings
@@ -146,6 +147,12 @@ def timm_data_config(card: dict, mean, std) -> tuple[dict, list[str]]:
         scaled = tuple(int(c / crop_pct) for c in crop)
         differences.append(f"timm cannot squash to {resize[0]}x{resize[1]} before a {crop[0]}x{crop[1]} crop with one crop_pct;"
                            f" the export squashes to {scaled[0]}x{scaled[1]}")
+    squashed = tuple(math.floor(c / crop_pct) for c in crop)
+    if squashed == resize and any((r - c) // 2 != round((r - c) / 2) for r, c in zip(resize, crop)):
+        # maskdist's centre crop starts at (resize - crop) // 2, torchvision's at that half
+        # rounded to even: a 3 (mod 4) margin, as 64 -> 57, puts timm's one pixel further on
+        differences.append(f"timm's centre crop of {crop[0]}x{crop[1]} from {resize[0]}x{resize[1]} starts one pixel lower or"
+                           f" further right than maskdist's (torchvision rounds the margin's half to even; maskdist floors it)")
     differences.append(ANTIALIAS_NOTE)
     config = {"input_size": (3, *crop), "mean": tuple(mean), "std": tuple(std), "crop_pct": crop_pct,
               "crop_mode": TIMM_CROP_MODE, "interpolation": TIMM_INTERPOLATION}
