@@ -181,16 +181,23 @@ def test_score_warns_when_the_answers_look_like_placeholders(small_synth, tmp_pa
 def test_stale_decisions_are_passed_over_by_default_and_refused_when_named(tmp_path):
     from maskdist.infer.members import FoldRun
 
-    def runs(epoch):
+    for k in range(2):  # what the decisions are keyed by: each fold's best weights and OOF rows, as real files
+        (tmp_path / f"fold{k}").mkdir()
+        (tmp_path / f"fold{k}" / "best.safetensors").write_bytes(b"weights %d" % k)
+        (tmp_path / f"fold{k}" / "oof.csv").write_text(f"key\nrow{k}\n")
+
+    def runs(epoch=3):
         return [FoldRun(tmp_path / f"fold{k}", {"fold": k, "epoch": epoch, "metrics": {"macro_f1": 0.5}}, tmp_path) for k in range(2)]
 
     tuned = decisions.Tuned(np.ones(1), np.linspace(0.5, 2.0, labels.NUM_CLASSES))
     path = decisions.default_path([tmp_path])
-    path.write_text(json.dumps(decisions.record(path, runs(3), [tmp_path], tuned, {}, {}, [])))
-    fresh = decisions.resolve("tuned", runs(3), [tmp_path])
+    path.write_text(json.dumps(decisions.record(path, runs(), [tmp_path], tuned, {}, {}, [])))
+    fresh = decisions.resolve("tuned", runs(), [tmp_path])
     assert fresh.name == str(path) and np.allclose(fresh.class_weights, tuned.class_weights)
-    stale = decisions.resolve("tuned", runs(4), [tmp_path])  # a fold retrained since
+    (tmp_path / "fold1" / "best.safetensors").write_bytes(b"weights retrained")  # the same best epoch, other weights
+    stale = decisions.resolve("tuned", runs(), [tmp_path])
     assert stale.name == "argmax" and stale.class_weights is None and "re-run maskdist oof" in stale.note
+    assert "(fold1: retrained" in stale.note  # fold 1 named, fold 0 not
     with pytest.raises(MaskdistError, match="tuned on other fold models"):
-        decisions.resolve(str(path), runs(4), [tmp_path])
-    assert decisions.resolve("argmax", runs(3), [tmp_path]).class_weights is None
+        decisions.resolve(str(path), runs(), [tmp_path])
+    assert decisions.resolve("argmax", runs(), [tmp_path]).class_weights is None

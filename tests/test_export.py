@@ -54,3 +54,25 @@ def test_one_graph_takes_one_input_size(tmp_path):
     ensemble = Ensemble(members, np.array([0.5, 0.5]), [tmp_path], np.ones(1), groups)
     with pytest.raises(MaskdistError, match="2 different inputs .* export each experiment on its own"):
         export.EnsembleGraph(ensemble)
+
+
+@pytest.mark.parametrize("resize, crop", [(64, 48), (64, 57), (40, 32), (67, 64)])
+def test_timm_transform_crops_where_maskdist_does_or_the_export_says_it_does_not(resize, crop):
+    """On a photo already resize x resize (no resize filter involved), timm's own eval
+    transform from the exported config gives maskdist's input to float precision; where its
+    centre crop lands one pixel off (a margin of 3 mod 4: torchvision rounds half to even,
+    maskdist floors), the export's differences say so, and the pixels show it is true."""
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    card = {"image": {"resize": resize, "crop": crop}}
+    config, differences = export.timm_data_config(card, mean, std)
+    photo = np.random.default_rng(resize + crop).integers(0, 256, (resize, resize, 3), dtype=np.uint8)
+    timm_x = create_transform(**resolve_data_config(pretrained_cfg=config))(Image.fromarray(photo))
+    ours = transforms.build_transform("none", resize, crop)(photo)
+    mine = transforms.to_device(torch.from_numpy(ours)[None], "cpu", mean, std)[0]
+    same = torch.allclose(timm_x, mine, atol=1e-5)
+    offset = [d for d in differences if "centre crop" in d]
+    assert same == (not offset), (differences, float((timm_x - mine).abs().max()))
+    assert same == ((resize - crop) % 4 != 3)

@@ -19,6 +19,7 @@ from maskdist.errors import MaskdistError
 from maskdist.infer import scoring
 from maskdist.infer.predict import probs_path
 from maskdist.shards.manifest import open_shard_set
+from maskdist.system.fileio import sha256_file
 from maskdist.train import checkpoint
 
 # Every test reads the module's trained experiment: one unit for the scheduler, handed out early.
@@ -228,7 +229,9 @@ def test_tuned_decisions_are_applied_by_default_and_argmax_restores_the_plain_an
     assert str(saved["decisions"]) == str(tuned_exp / FILE) and np.allclose(saved["class_weights"], weights)
     assert _answers(tmp_path / "d.csv") == decide(saved["probs"], weights).tolist()
     assert _answers(tmp_path / "d.csv") != _answers(plain)  # the decisions change the submission
-    assert json.loads((tmp_path / "d.predict.json").read_text())["decisions"] == str(tuned_exp / FILE)
+    used = json.loads((tmp_path / "d.predict.json").read_text())
+    assert used["decisions"] == str(tuned_exp / FILE)
+    assert [m["weights_sha256"] for m in used["members"]] == [sha256_file(tuned_exp / f"fold{k}" / checkpoint.WEIGHTS) for k in range(FOLDS)]
     predict_api.predict([tuned_exp], tmp_path / "a.csv", shards=str(small_shards), workers=0, batch_size=8, decisions="argmax")
     assert (tmp_path / "a.csv").read_bytes() == plain.read_bytes()
     assert str(np.load(probs_path(tmp_path / "a.csv"))["decisions"]) == "argmax"
@@ -585,8 +588,10 @@ def test_timm_export_makes_timm_s_own_transform_give_maskdist_s_input(experiment
         folders = export.export_timm([knows / "fold0"], tmp_path / "timm")
     cfg = json.loads((folders[0] / "config.json").read_text())["pretrained_cfg"]
     assert cfg["crop_mode"] == "squash" and cfg["interpolation"] == "bilinear"
-    record = json.loads((folders[0] / "maskdist.json").read_text())["export"]["timm_preprocessing"]
+    exported = json.loads((folders[0] / "maskdist.json").read_text())["export"]
+    record = exported["timm_preprocessing"]
     assert record["exact"] is False and any("antialiasing" in d for d in record["differences"])
+    assert exported["weights_sha256"] == sha256_file(knows / "fold0" / checkpoint.WEIGHTS)  # the fold weights it came from
 
     model, card = checkpoint.load(knows / "fold0")
     mean, std = card["normalisation"]["mean"], card["normalisation"]["std"]
@@ -617,7 +622,9 @@ def test_timm_export_makes_timm_s_own_transform_give_maskdist_s_input(experiment
     import onnxruntime as ort
 
     graph = export.export_onnx([knows / "fold0"], tmp_path / "knows.onnx", decisions="argmax")["out"]
-    recipe = json.loads({p.key: p.value for p in onnx.load(graph).metadata_props}["maskdist.input"])
+    metadata = {p.key: p.value for p in onnx.load(graph).metadata_props}
+    recipe = json.loads(metadata["maskdist.input"])
+    assert [m["weights_sha256"] for m in json.loads(metadata["maskdist.members"])] == [sha256_file(knows / "fold0" / checkpoint.WEIGHTS)]
     assert recipe["resize_mode"].startswith("squash") and recipe["layout"] == "NHWC"
     (rh, rw), (ch, cw) = recipe["resize"], recipe["crop"]
     images = []

@@ -35,7 +35,7 @@ from maskdist.data import labels
 from maskdist.errors import MaskdistError
 from maskdist.metrics import f1_per_class
 from maskdist.system.fileio import sha256_file
-from maskdist.train.checkpoint import OOF, WEIGHTS
+from maskdist.train.checkpoint import OOF
 
 ROUNDS = 4
 CANDIDATES = 17
@@ -175,7 +175,7 @@ def _member(run, base: Path) -> dict:
     oof = run.run_dir / OOF
     return {"experiment": os.path.relpath(run.experiment.resolve(), base.resolve()), "fold": run.fold,
             "epoch": int(run.card.get("epoch", -1)), "macro_f1": float(run.card.get("metrics", {}).get("macro_f1", 0.0)),
-            "weights_sha256": sha256_file(run.run_dir / WEIGHTS),
+            "weights_sha256": run.weights_sha256,
             "oof_sha256": sha256_file(oof) if oof.is_file() else None}
 
 

@@ -17,6 +17,7 @@ probabilities (part heads as products), the weighted mean. Outputs: ``probs`` (N
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import warnings
@@ -130,7 +131,8 @@ def export_timm(sources: Sequence[str | os.PathLike], out: str | os.PathLike, al
         try:
             save_for_hf(single_head(member), str(tmp), model_config={"label_names": list(card["classes"])}, safe_serialization=True,
                         data_config=data_config)
-            record = card | {"export": {"timm_preprocessing": {**data_config, "exact": not differences, "differences": differences}}}
+            record = card | {"export": {"timm_preprocessing": {**data_config, "exact": not differences, "differences": differences},
+                                        "weights_sha256": member.run.weights_sha256}}  # the fold weights it was made from
             record |= {"nonfinite": broken[str(member.run_dir)]} if str(member.run_dir) in broken else {}
             (tmp / "maskdist.json").write_text(json.dumps(record, indent=1))  # where it came from: the run's model card
             give_plain_modes(tmp)
@@ -174,6 +176,12 @@ def timm_data_config(card: dict, mean, std) -> tuple[dict, list[str]]:
         scaled = tuple(int(c / crop_pct) for c in crop)
         differences.append(f"timm cannot squash to {resize[0]}x{resize[1]} before a {crop[0]}x{crop[1]} crop with one crop_pct;"
                            f" the export squashes to {scaled[0]}x{scaled[1]}")
+    squashed = tuple(math.floor(c / crop_pct) for c in crop)
+    if squashed == resize and any((r - c) // 2 != round((r - c) / 2) for r, c in zip(resize, crop)):
+        # maskdist's centre crop starts at (resize - crop) // 2, torchvision's at that half
+        # rounded to even: a 3 (mod 4) margin, as 64 -> 57, puts timm's one pixel further on
+        differences.append(f"timm's centre crop of {crop[0]}x{crop[1]} from {resize[0]}x{resize[1]} starts one pixel lower or"
+                           f" further right than maskdist's (torchvision rounds the margin's half to even; maskdist floors it)")
     differences.append(ANTIALIAS_NOTE)
     config = {"input_size": (3, *crop), "mean": tuple(mean), "std": tuple(std), "crop_pct": crop_pct,
               "crop_mode": TIMM_CROP_MODE, "interpolation": TIMM_INTERPOLATION}
@@ -222,8 +230,9 @@ class EnsembleGraph(nn.Module):
         return total, torch.argmax(total * self.class_weights, dim=1)
 
 
-def write_onnx(graph: EnsembleGraph, out: str | os.PathLike) -> Path:
-    """``graph`` as an ONNX file (written atomically), its batch size free."""
+def write_onnx(graph: EnsembleGraph, out: str | os.PathLike, members: list[dict] | None = None) -> Path:
+    """``graph`` as an ONNX file (written atomically), its batch size free; ``members``
+    (:func:`onnx_members`) recorded in its metadata when given."""
     example = torch.zeros((2, graph.crop, graph.crop, 3), dtype=torch.uint8)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -233,7 +242,7 @@ def write_onnx(graph: EnsembleGraph, out: str | os.PathLike) -> Path:
         warnings.simplefilter("ignore")
         torch.onnx.export(graph.eval(), (example,), str(tmp), dynamo=False, opset_version=ONNX_OPSET, input_names=["image"],
                           output_names=["probs", "label"], dynamic_axes={"image": {0: "n"}, "probs": {0: "n"}, "label": {0: "n"}})
-        _document_input(tmp, graph)
+        _document(tmp, graph, members)
     return out
 
 
@@ -244,12 +253,22 @@ def onnx_input_recipe(graph: EnsembleGraph) -> dict:
             "crop": [graph.crop, graph.crop], "crop_mode": "centre", "normalisation": "inside the graph"}
 
 
-def _document_input(path: Path, graph: EnsembleGraph) -> None:
-    """The input recipe as the ONNX file's metadata (``maskdist.input``), where a runtime user reads it."""
+def onnx_members(ensemble: Ensemble) -> list[dict]:
+    """The fold models the graph holds, by the sha256 of the weights each was made from."""
+    return [{"run": str(m.run_dir), "fold": m.run.fold, "weight": float(w), "weights_sha256": m.run.weights_sha256}
+            for m, w in zip(ensemble.members, ensemble.weights)]
+
+
+def _document(path: Path, graph: EnsembleGraph, members: list[dict] | None) -> None:
+    """The input recipe (``maskdist.input``) and the fold models (``maskdist.members``) as the
+    ONNX file's metadata, where a runtime user reads them."""
     import onnx
 
     model = onnx.load(str(path))
-    onnx.helper.set_model_props(model, {"maskdist.input": json.dumps(onnx_input_recipe(graph))})
+    props = {"maskdist.input": json.dumps(onnx_input_recipe(graph))}
+    if members is not None:
+        props["maskdist.members"] = json.dumps(members)
+    onnx.helper.set_model_props(model, props)
     onnx.save(model, str(path))
 
 
@@ -259,7 +278,7 @@ def export_onnx(sources: Sequence[str | os.PathLike], out: str | os.PathLike, tt
     models with non-finite weights or output, exported only when ``allow_nonfinite``)."""
     ensemble, applied, broken = _ensemble(sources, weighting, decisions, allow_unfinished, allow_nonfinite)
     graph = EnsembleGraph(ensemble, tta, applied.class_weights)
-    out = write_onnx(graph, out)
+    out = write_onnx(graph, out, onnx_members(ensemble))
     return {"out": str(out), "models": len(ensemble.members), "resize": graph.resize, "crop": graph.crop, "tta": tta,
             "decisions": applied.name, "face_crop": face_crop.policy_of(ensemble.groups[0].card),
             "members": [str(m.run_dir) for m in ensemble.members], "nonfinite": broken}

@@ -12,6 +12,7 @@ it has no out-of-fold rows, so an experiment folder means its folds alone.
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import yaml
 
 from maskdist import config as config_mod
 from maskdist.errors import MaskdistError
+from maskdist.system.fileio import sha256_file
 from maskdist.train import checkpoint
 from maskdist.train.folder import PLAN, read_plan
 from maskdist.train.run_folder import experiment_runs
@@ -37,6 +39,13 @@ class FoldRun:
     card: dict
     experiment: Path  # the experiment folder (a run folder given alone: its parent)
     stopped: str = ""  # where an unfinished fold stopped; "" when it finished
+
+    @functools.cached_property
+    def weights_sha256(self) -> str:
+        """The sha256 of the fold's best weights: what names this fold model in everything
+        derived from it (decisions, a submission's record, exports), so that a fold retrained,
+        resumed or replaced since is told apart even at the same best epoch."""
+        return sha256_file(self.run_dir / checkpoint.WEIGHTS)
 
     @property
     def full_data(self) -> bool:

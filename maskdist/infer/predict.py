@@ -139,7 +139,7 @@ def describe_ensemble(ensemble: Ensemble, applied: decisions_mod.Applied, precis
         "members": [{"run": str(m.run_dir), "experiment": str(m.run.experiment), "fold": m.run.fold,
                      "architecture": m.card["architecture"], "heads": m.card.get("heads", "single"),
                      "image": m.card["image"], "normalisation": m.card["normalisation"], "weight": float(w),
-                     "finished": not m.run.stopped, "stopped": m.run.stopped}
+                     "finished": not m.run.stopped, "stopped": m.run.stopped, "weights_sha256": m.run.weights_sha256}
                     for m, w in zip(ensemble.members, ensemble.weights)],
         "experiments": [str(e) for e in ensemble.experiments],
         "experiment_weights": [float(v) for v in ensemble.experiment_weights],
