@@ -19,7 +19,7 @@ from conftest import EXPERIMENT_FOLDS, EXPERIMENT_TRAIN, launch_env
 
 from maskdist.cli import main
 
-pytestmark = [pytest.mark.xdist_group("predict-experiment"), pytest.mark.duration(30)]
+pytestmark = [pytest.mark.xdist_group("predict-experiment"), pytest.mark.duration(60)]
 CHROMIUM = shutil.which("chromium")
 WIDTH = 1200
 # Run in the page after it loaded: what the browser made of it, as attributes --dump-dom shows.
