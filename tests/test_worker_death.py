@@ -84,7 +84,7 @@ def _resume_matches(small_shards, out: Path, uninterrupted: Path, tmp_path: Path
     assert best == json.loads((uninterrupted / "fold0" / "model.json").read_text())["metrics"]
 
 
-@pytest.mark.duration(25)
+@pytest.mark.duration(40)
 def test_kill_9_of_a_training_worker_saves_the_steps_done_and_resume_continues_exactly(small_shards, uninterrupted, tmp_path):
     out = tmp_path / "runs"
     proc = _start(small_shards, out, tmp_path, "--workers", "1")
@@ -107,7 +107,7 @@ def test_kill_9_of_a_training_worker_saves_the_steps_done_and_resume_continues_e
     _resume_matches(small_shards, out, uninterrupted, tmp_path, "--workers", "1")
 
 
-@pytest.mark.duration(25)
+@pytest.mark.duration(35)
 def test_kill_9_of_a_validation_worker_saves_the_epochs_steps_and_resume_validates_it(small_shards, uninterrupted, tmp_path):
     out = tmp_path / "runs"
     proc = _start(small_shards, out, tmp_path, "--workers", "1", "--val-workers", "1")
