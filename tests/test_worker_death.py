@@ -54,6 +54,21 @@ def _kill_worker_frozen(owner: int, pid: int) -> None:
         os.kill(owner, signal.SIGCONT)
 
 
+def _kill_second_worker(proc: subprocess.Popen) -> tuple[int, str]:
+    """Once ``proc`` has two loader workers, kill -9 the younger (pids grow; for training the
+    older is the training loader's, which lives all run); (its pid, ``proc``'s stderr)."""
+    try:
+        assert procs.wait_for(lambda: len(_loader_workers(proc.pid)) >= 2, 180)
+        worker = _loader_workers(proc.pid)[1]
+        _kill_worker_frozen(proc.pid, worker)
+        _stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == WORKER_DIED_EXIT, stderr[-3000:]
+    assert "Traceback" not in stderr
+    return worker, stderr
+
+
 def _batches(run: Path) -> list[str]:
     return (run / "fold0" / "batches" / "rank0.txt").read_text().splitlines()
 
@@ -84,7 +99,7 @@ def _resume_matches(small_shards, out: Path, uninterrupted: Path, tmp_path: Path
     assert best == json.loads((uninterrupted / "fold0" / "model.json").read_text())["metrics"]
 
 
-@pytest.mark.duration(25)
+@pytest.mark.duration(40)
 def test_kill_9_of_a_training_worker_saves_the_steps_done_and_resume_continues_exactly(small_shards, uninterrupted, tmp_path):
     out = tmp_path / "runs"
     proc = _start(small_shards, out, tmp_path, "--workers", "1")
@@ -107,20 +122,11 @@ def test_kill_9_of_a_training_worker_saves_the_steps_done_and_resume_continues_e
     _resume_matches(small_shards, out, uninterrupted, tmp_path, "--workers", "1")
 
 
-@pytest.mark.duration(25)
+@pytest.mark.duration(35)
 def test_kill_9_of_a_validation_worker_saves_the_epochs_steps_and_resume_validates_it(small_shards, uninterrupted, tmp_path):
     out = tmp_path / "runs"
-    proc = _start(small_shards, out, tmp_path, "--workers", "1", "--val-workers", "1")
-    try:
-        # the training worker lives all run; a second one is validation's, started for its pass
-        assert procs.wait_for(lambda: len(_loader_workers(proc.pid)) >= 2, 180), proc.stderr.read()[-3000:] if proc.poll() else ""
-        train_worker, val_worker = _loader_workers(proc.pid)[:2]  # pids grow: the older is the training one
-        _kill_worker_frozen(proc.pid, val_worker)
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == WORKER_DIED_EXIT, stderr[-3000:]
-    assert "Traceback" not in stderr
+    # the validation worker starts for its pass, beside the training one
+    val_worker, stderr = _kill_second_worker(_start(small_shards, out, tmp_path, "--workers", "1", "--val-workers", "1"))
     state = json.loads((out / "fold0" / "state" / "trainer.json").read_text())
     assert (state["epoch"], state["step"], state["epoch_done"]) == (0, 5, False)
     assert not (out / "fold0" / "model.json").exists()  # no epoch was scored on part of its fold
@@ -138,15 +144,7 @@ def test_kill_9_of_a_predict_worker_is_one_line_and_writes_nothing(small_shards,
     proc = subprocess.Popen(_direct("predict", str(uninterrupted / "fold0"), "--shards", str(small_shards), "--info", str(info),
                                     "--out", str(sub), "--workers", "2", "--batch-size", "1", "--tta", "hflip"),
                             env=launch_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert procs.wait_for(lambda: len(_loader_workers(proc.pid)) >= 2, 180)
-        worker = _loader_workers(proc.pid)[1]
-        _kill_worker_frozen(proc.pid, worker)
-        _stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == WORKER_DIED_EXIT, stderr[-3000:]
-    assert "Traceback" not in stderr
+    worker, stderr = _kill_second_worker(proc)
     assert _last_line(stderr).startswith(f"error: a worker of the prediction loader (pid {worker}) was killed by SIGKILL")
     assert _last_line(stderr).endswith("nothing was written: run the same command again")
     assert not sub.exists() and not list(tmp_path.glob("s*.csv*"))

@@ -74,17 +74,25 @@ def dead_worker(iterator) -> tuple[int, int | None] | None:
 def guarded(loader: Iterable, name: str) -> Iterator:
     """Iterate a torch DataLoader; any failure while one of its workers has died becomes
     :class:`WorkerDied` (other failures pass through unchanged)."""
-    iterator = iter(loader)  # holds the workers (a loader without persistent ones does not)
+    try:
+        iterator = iter(loader)  # a persistent loader's next epoch starts here, asking its workers
+    except Exception:
+        _raise_if_dead(getattr(loader, "_iterator", None), name)
+        raise
     while True:
         try:
             batch = next(iterator)
         except StopIteration:
             return
-        except Exception as err:  # EOFError, ConnectionError, torch's RuntimeError, ... # noqa: BLE001
-            if isinstance(err, WorkerDied):
-                raise
-            dead = dead_worker(iterator)
-            if dead is None:
-                raise
-            raise WorkerDied(name, *dead) from None
+        except WorkerDied:
+            raise
+        except Exception:  # EOFError, ConnectionError, torch's RuntimeError, ...
+            _raise_if_dead(iterator, name)  # (a loader without persistent workers holds none itself)
+            raise
         yield batch
+
+
+def _raise_if_dead(iterator, name: str) -> None:
+    dead = dead_worker(iterator)
+    if dead is not None:
+        raise WorkerDied(name, *dead) from None
