@@ -282,8 +282,10 @@ def describe(result: dict) -> str:
     for title, section in (("out-of-fold", result["oof"]), ("eval", result["eval"])):
         if section is None:
             continue
-        lines.append(f"{title}: {section['images']} images of {section['groups']} {section['unit']}s, {result['resamples']}"
-                     f" bootstrap resamples over {section['unit']}s, 95% intervals")
+        units = (f"{section['images']} images of {section['groups']} people, {result['resamples']} bootstrap resamples of people"
+                 if section["unit"] == "person" else f"{section['images']} images without person ids, {result['resamples']}"
+                 " bootstrap resamples of images (narrower intervals than per person)")
+        lines.append(f"{title}: {units}, 95% intervals")
         lines.append(f"{'experiment':<40} {'macro F1':>8} {'95% interval':>17}   mask   gender age")
         for item in section["experiments"]:
             low, high = item["interval"]
