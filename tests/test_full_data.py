@@ -145,11 +145,12 @@ def test_predict_takes_the_full_data_model_alone_and_beside_the_folds(experiment
     assert named.returncode == 2 and "has no out-of-fold predictions" in named.stderr and "Traceback" not in named.stderr
 
 
-def test_predict_refuses_an_out_folder_a_live_run_holds(tmp_path):
+@pytest.mark.xdist_group("full-data")
+def test_predict_refuses_an_out_folder_a_live_run_holds(experiment, small_shards, tmp_path):
     held = tmp_path / "held"
     held.mkdir()
     with FolderLock(held, command="a test standing in for a live run").acquire():  # this test process is the live holder
-        refused = _maskdist("predict", tmp_path / "runs", "--shards", "unused", "--out", held / "sub.csv", cwd=tmp_path)
+        refused = _maskdist("predict", experiment, "--shards", small_shards, "--out", held / "sub.csv", cwd=tmp_path)
     assert refused.returncode == 2 and f"{held} is in use by" in refused.stderr and "Traceback" not in refused.stderr
     assert not list(held.glob("sub*"))
 

@@ -50,9 +50,9 @@ def test_the_class_table_lines_up_for_the_longest_class_name():
 
 
 def test_classify_rate_of_a_few_photos_is_not_rounded_to_zero():
-    done = Classified(rows=pd.DataFrame(columns=["path"]), images=3, seconds=7.5, models=1)
+    done = Classified(rows=pd.DataFrame(columns=["path", "class"]), images=3, seconds=7.5, models=1)
     assert "(0.4 img/s;" in done.describe(None)
-    assert "(1200 img/s;" in Classified(rows=pd.DataFrame(columns=["path"]), images=1200, seconds=1.0, models=1).describe(None)
+    assert "(1200 img/s;" in Classified(rows=pd.DataFrame(columns=["path", "class"]), images=1200, seconds=1.0, models=1).describe(None)
 
 
 def test_demo_time_counts_the_process_start_up(tmp_path):

@@ -48,5 +48,5 @@ def test_missing_or_mismatched_weights_are_clear_errors(imagenet_file, tmp_path)
         create_model("test_efficientnet", pretrained_file=tmp_path / "nope.safetensors")
     with pytest.raises(MaskdistError, match="do not fit"):
         create_model("test_resnet", pretrained_file=imagenet_file[0])
-    with pytest.raises(MaskdistError, match="unknown timm model"):
+    with pytest.raises(MaskdistError, match="unknown architecture"):
         create_model("no_such_net")

@@ -356,7 +356,7 @@ def test_predict_takes_its_precision_from_the_folds_config(experiment, small_sha
     mixed_precision, note = resolve_precision("auto", [runs, experiment / "fold0"])
     assert mixed_precision == "no" and "bf16" in note and "pass --precision" in note
     done = _maskdist(tmp_path, "predict", runs, "--shards", small_shards, "--out", tmp_path / "p.csv", "--workers", "0")
-    assert done.returncode == 0 and "(bf16)" in done.stdout, done.stderr[-2000:]
+    assert done.returncode == 0 and "(bf16 mixed precision," in done.stdout, done.stderr[-2000:]
     assert json.loads((tmp_path / "p.predict.json").read_text())["precision"] == "bf16"
 
 

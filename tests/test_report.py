@@ -132,5 +132,5 @@ def test_without_matplotlib_the_report_says_how_to_install_it_in_one_line(tmp_pa
     result = subprocess.run([sys.executable, "-c", blocked, "report", str(tmp_path), "--out", str(tmp_path / "r.html")],
                             env=launch_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and not (tmp_path / "r.html").exists()
-    assert result.stderr.strip().splitlines() == ["error: maskdist report draws with matplotlib, which is not installed:"
+    assert result.stderr.strip().splitlines() == ["error: maskdist report needs the [report] extra (matplotlib not installed):"
                                                   " pip install 'maskdist[report]'"]

@@ -247,7 +247,7 @@ def test_every_recipe_option_through_two_process_ddp_with_one_ema_on_both_ranks(
 RUN_FOLDER_FILES = {"best.safetensors", "config.yaml", "launches.jsonl", "model.json", "oof.csv", "state", "state.old", "tb"}
 MODEL_CARD_KEYS = {"age_cut", "architecture", "class_code", "classes", "confusion", "data", "drop_rate", "epoch", "fold",
                    "format", "format_version", "heads", "image", "metric_age_cut", "metrics", "normalisation", "num_classes",
-                   "train_folds", "weights", "finished", "epochs", "pretrained"}
+                   "train_folds", "weights", "finished", "epochs", "pretrained", "nonfinite_validation"}
 TRAINER_STATE_KEYS = {"best", "epoch", "epoch_done", "files", "live_checksums", "skipped", "step", "steps_per_epoch", "tallies",
                       "world_size"}
 OOF_COLUMNS = ["key", "fold", "label_true", "label", "pred"] + [f"p{c:02d}" for c in range(18)]

@@ -20,8 +20,8 @@ def report(runs, out, allow_unfinished):
     decisions and the label audit; several experiments are compared at the top.
 
     RUNS: experiment folders (their fold<K>). Pictures are inlined: no network at view time."""
-    usage.check_runs(runs)
     usage.require_extra("report", "maskdist report")
+    usage.check_runs(runs)
     from maskdist.report.page import write_report
 
     started = time.perf_counter()
