@@ -38,7 +38,14 @@ def _direct(*args) -> list[str]:
 def _start(cmd, tmp_path, log: Path) -> subprocess.Popen:
     handle = open(log, "w")  # noqa: SIM115 (the child writes it until it ends)
     return subprocess.Popen(cmd, env=launch_env(tmp_path), cwd=tmp_path, stdout=handle, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_as_from_a_terminal)
+
+
+def _as_from_a_terminal() -> None:
+    """Ctrl-C reaches a command started from a terminal with SIGINT at its default; a suite run
+    in the background by a non-interactive shell inherits SIGINT ignored, which a child would
+    keep (and never see the Ctrl-C these tests send)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _group_alive(pgid: int) -> list[int]:
